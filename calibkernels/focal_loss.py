@@ -1,0 +1,102 @@
+"""Softmax focal loss (Mukhoti et al., NeurIPS 2020): the functional form and the nn.Module."""
+
+import torch
+from torch import nn
+from torch.nn import _reduction
+
+from . import ops, reference
+from .schedule import as_schedule
+
+BACKENDS = ("auto", "torch")
+
+
+def _check_inputs(logits, target, weight, reduction, label_smoothing, backend):
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError("focal_loss: logits and target must be tensors")
+    if not logits.is_floating_point():
+        raise ValueError(f"focal_loss: logits must be float32, float16, bfloat16 or float64, "
+                         f"got {logits.dtype}")
+    if target.is_floating_point():
+        raise ValueError(f"focal_loss: target must hold int64 class indices, got {target.dtype} "
+                         f"(class-probability targets are not supported)")
+    if target.dtype != torch.int64:
+        raise ValueError(f"focal_loss: target must hold int64 class indices, got {target.dtype}")
+    if logits.dim() == 0:
+        raise ValueError("focal_loss: logits must have a class dimension")
+    batched = logits.dim() >= 2
+    expected = (logits.shape[0],) + tuple(logits.shape[2:]) if batched else ()
+    if tuple(target.shape) != expected:
+        raise ValueError(f"focal_loss: target must have shape {expected} for logits of shape "
+                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+    n_classes = logits.shape[1] if batched else logits.shape[0]
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise ValueError("focal_loss: weight must be a floating tensor of shape (C,)")
+        if tuple(weight.shape) != (n_classes,):
+            raise ValueError(f"focal_loss: weight must have shape ({n_classes},), "
+                             f"got {tuple(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError("focal_loss: no gradient flows to weight; pass weight.detach()")
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"focal_loss: reduction must be one of {reference.REDUCTIONS}, "
+                         f"got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"focal_loss: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if backend not in BACKENDS:
+        raise ValueError(f"focal_loss: backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def focal_loss(logits, target, gamma=3.0, *, weight=None, ignore_index=-100, reduction="mean",
+               label_smoothing=0.0, backend="auto"):
+    """Softmax focal loss, a drop-in for ``F.cross_entropy`` (gamma=0 gives exactly that).
+
+    loss_i = -sum_k t_k w_k (1 - p_k)^gamma_i log p_k, with p = softmax(logits_i) and t the
+    (label-smoothed) one-hot target. ``gamma`` is a float >= 0, "flsd-53", "flsd-532" or a
+    GammaSchedule. ``logits`` is (N, C) or (N, C, d1, ..., dk); ``target`` holds int64 class
+    indices of shape (N) or (N, d1, ..., dk). ``backend="auto"`` runs the fused kernel of the
+    logits' device; ``"torch"`` runs the eager reference.
+    """
+    _check_inputs(logits, target, weight, reduction, label_smoothing, backend)
+    schedule = as_schedule(gamma)
+    if backend == "torch":
+        return reference.focal_loss(logits, target, schedule, weight=weight,
+                                    ignore_index=ignore_index, reduction=reduction,
+                                    label_smoothing=label_smoothing)
+    out_shape = target.shape
+    if logits.dim() == 1:
+        logits, target = logits.unsqueeze(0), target.unsqueeze(0)
+    n_classes = logits.shape[1]
+    rows = logits.movedim(1, -1).reshape(-1, n_classes) if logits.dim() > 2 else logits
+    loss, _ = ops.focal_loss(rows, target.reshape(-1), weight, list(schedule.thresholds),
+                             list(schedule.gammas), schedule.default, int(ignore_index),
+                             float(label_smoothing), reduction,
+                             torch.is_grad_enabled() and logits.requires_grad)
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    return loss.to(logits.dtype)
+
+
+class FocalLoss(nn.modules.loss._WeightedLoss):
+    """nn.CrossEntropyLoss's constructor plus ``gamma``: a float, "flsd-53", "flsd-532" or a
+    GammaSchedule (see :func:`focal_loss`)."""
+
+    __constants__ = ["ignore_index", "reduction", "label_smoothing"]
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                 reduction="mean", label_smoothing=0.0, *, gamma=3.0, backend="auto"):
+        if size_average is not None or reduce is not None:
+            reduction = _reduction.legacy_get_string(size_average, reduce)
+        super().__init__(weight, None, None, reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.gamma = as_schedule(gamma)  # validate now, not at the first batch
+        self.backend = backend
+
+    def forward(self, input, target):
+        return focal_loss(input, target, self.gamma, weight=self.weight,
+                          ignore_index=self.ignore_index, reduction=self.reduction,
+                          label_smoothing=self.label_smoothing, backend=self.backend)
+
+    def extra_repr(self):
+        return (f"gamma={self.gamma}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}")

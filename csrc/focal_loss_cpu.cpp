@@ -1,0 +1,216 @@
+// Fused focal loss on the CPU: one pass over each row computes the loss and, when asked, the
+// gradient. Rows run in parallel (at::parallel_for); the dense loops use at::vec.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "ops.h"
+
+namespace calibkernels {
+namespace {
+
+template <typename scalar_t>
+struct FocalLossCpuArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* logits;
+  const int64_t* target;
+  const acc_t* weight;  // nullptr: every class weighs 1
+  int64_t n_rows, n_classes, ignore_index;
+  GammaSchedule schedule;
+  acc_t smoothing;   // epsilon
+  acc_t weight_sum;  // sum_k w_k
+  acc_t grad_scale;  // 1 / mean's divisor, or 1
+  acc_t* loss_rows;
+  scalar_t* grad;  // nullptr: loss only
+};
+
+template <typename scalar_t>
+void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t C = a.n_classes;
+  const acc_t eps = a.smoothing;
+  const acc_t b = eps / static_cast<acc_t>(C);  // smoothed target mass of every class
+  const acc_t scale = a.grad_scale;
+  const acc_t* w = a.weight;
+
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
+  at::parallel_for(0, a.n_rows, grain, [&](int64_t begin, int64_t end) {
+    // Reduced-precision rows are widened once into row_buf; the gradient is built in grad_buf.
+    std::vector<acc_t> row_buf(kReduced ? C : 0);
+    std::vector<acc_t> grad_buf(kReduced && a.grad ? C : 0);
+    std::vector<acc_t> aG;  // a_k G_k, only for smoothing with gamma > 0
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = a.target[i];
+      scalar_t* g = a.grad ? a.grad + i * C : nullptr;
+      if (y == a.ignore_index) {
+        a.loss_rows[i] = acc_t(0);
+        if (g) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * C);
+        continue;
+      }
+      const acc_t* x;
+      if constexpr (kReduced) {
+        at::vec::convert(a.logits + i * C, row_buf.data(), C);
+        x = row_buf.data();
+      } else {
+        x = a.logits + i * C;
+      }
+      acc_t* out = nullptr;
+      if (g) {
+        if constexpr (kReduced) out = grad_buf.data();
+        else out = g;
+      }
+
+      const acc_t m = at::vec::reduce_all<acc_t>(
+          [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); }, x, C);
+      const acc_t s = at::vec::map_reduce_all<acc_t>(
+          [m](const Vec& v) { return (v - Vec(m)).exp(); },
+          [](const Vec& u, const Vec& v) { return u + v; }, x, C);
+      const acc_t lse = m + std::log(s);
+      const acc_t lp_y = x[y] - lse;
+      const acc_t gamma = select_gamma(a.schedule, std::exp(lp_y));
+      const FocalTerms<acc_t> ty = focal_terms(lp_y, gamma);
+      const acc_t w_y = w ? w[y] : acc_t(1);
+      // a_y = (1 - eps) w_y + b w_y: the one-hot part here, the smoothing part in the sums below.
+      const acc_t a1_y = (acc_t(1) - eps) * w_y;
+
+      acc_t loss = a1_y * ty.f;
+      acc_t S_other = 0;     // sum over k != y of a_k G_k
+      acc_t aG_y = a1_y * ty.G;
+      if (eps > acc_t(0) && gamma == acc_t(0)) {
+        // G = 1 and f = log p: the smoothing terms are sums of log-probabilities and weights.
+        const acc_t sum_wlp =
+            w ? at::vec::map2_reduce_all<acc_t>(
+                    [lse](const Vec& v, const Vec& wk) { return (v - Vec(lse)) * wk; },
+                    [](const Vec& u, const Vec& v) { return u + v; }, x, w, C)
+              : at::vec::map_reduce_all<acc_t>(
+                    [lse](const Vec& v) { return v - Vec(lse); },
+                    [](const Vec& u, const Vec& v) { return u + v; }, x, C);
+        loss += b * sum_wlp;
+        S_other = b * (a.weight_sum - w_y);
+        aG_y += b * w_y;
+        if (out) {
+          const acc_t S = S_other + aG_y;
+          if (w) {
+            at::vec::map2(
+                [lse, S, b, scale](const Vec& v, const Vec& wk) {
+                  return ((v - Vec(lse)).exp() * Vec(S) - Vec(b) * wk) * Vec(scale);
+                },
+                out, x, w, C);
+          } else {
+            at::vec::map(
+                [lse, S, b, scale](const Vec& v) {
+                  return ((v - Vec(lse)).exp() * Vec(S) - Vec(b)) * Vec(scale);
+                },
+                out, x, C);
+          }
+        }
+      } else if (eps > acc_t(0)) {
+        // Every class carries target mass and its own (1 - p_k)^gamma: the per-class math.
+        aG.resize(C);
+        for (int64_t k = 0; k < C; ++k) {
+          const acc_t a_k = b * (w ? w[k] : acc_t(1));
+          const FocalTerms<acc_t> tk = focal_terms(x[k] - lse, gamma);
+          loss += a_k * tk.f;
+          aG[k] = a_k * tk.G;
+          if (k != y) S_other += aG[k];
+        }
+        aG_y += aG[y];
+        if (out) {
+          const acc_t S = S_other + aG_y;
+          at::vec::map2(
+              [lse, S, scale](const Vec& v, const Vec& ag) {
+                return ((v - Vec(lse)).exp() * Vec(S) - ag) * Vec(scale);
+              },
+              out, x, aG.data(), C);
+        }
+      } else if (out) {
+        // No smoothing: d loss / d x_j = a_y G(p_y) (p_j - [j == y]).
+        const acc_t c = aG_y * scale;
+        at::vec::map([lse, c](const Vec& v) { return (v - Vec(lse)).exp() * Vec(c); }, out, x,
+                     C);
+      }
+      a.loss_rows[i] = -loss;
+      if (out) {
+        out[y] = true_class_grad(ty, S_other, aG_y) * scale;
+        if constexpr (kReduced) at::vec::convert(out, g, C);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> focal_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    at::ArrayRef<double> thresholds, at::ArrayRef<double> gammas, double gamma_default,
+    int64_t ignore_index, double label_smoothing, c10::string_view reduction, bool compute_grad) {
+  const GammaSchedule schedule = check_focal_loss_args(logits, target, weight, thresholds, gammas,
+                                                       gamma_default, label_smoothing);
+  const Reduction red = parse_reduction(reduction);
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor t = target.contiguous();
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
+  at::Tensor loss_rows = at::empty({N}, x.options().dtype(acc_type));
+  at::Tensor grad = compute_grad ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
+
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "focal_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    // One serial pass validates the targets and sums mean's divisor in a fixed order.
+    double divisor = 0.0;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t y = tp[i];
+      if (y == ignore_index) continue;
+      TORCH_CHECK_INDEX(y >= 0 && y < C, "focal_loss: target ", y, " at position ", i,
+                        " is out of range for ", C, " classes (and is not ignore_index=",
+                        ignore_index, ")");
+      divisor += wp ? static_cast<double>(wp[y]) : 1.0;
+    }
+    double weight_sum = static_cast<double>(C);
+    if (wp) {
+      weight_sum = 0.0;
+      for (int64_t k = 0; k < C; ++k) weight_sum += wp[k];
+    }
+    FocalLossCpuArgs<scalar_t> args{};
+    args.logits = x.const_data_ptr<scalar_t>();
+    args.target = tp;
+    args.weight = wp;
+    args.n_rows = N;
+    args.n_classes = C;
+    args.ignore_index = ignore_index;
+    args.schedule = schedule;
+    args.smoothing = static_cast<acc_t>(label_smoothing);
+    args.weight_sum = static_cast<acc_t>(weight_sum);
+    args.grad_scale = red == Reduction::Mean ? static_cast<acc_t>(1.0 / divisor) : acc_t(1);
+    args.loss_rows = loss_rows.mutable_data_ptr<acc_t>();
+    args.grad = compute_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+    focal_loss_cpu_kernel<scalar_t>(args);
+
+    if (red == Reduction::None) {
+      loss = loss_rows;
+    } else {
+      // A serial double sum: the same result for any thread count.
+      double total = 0.0;
+      for (int64_t i = 0; i < N; ++i) total += static_cast<double>(args.loss_rows[i]);
+      if (red == Reduction::Mean) total /= divisor;  // 0 / 0 = NaN when all are ignored, as torch
+      loss = at::scalar_tensor(total, x.options().dtype(acc_type));
+    }
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(calibkernels, CPU, m) { m.impl("focal_loss", &focal_loss_cpu); }
+
+}  // namespace calibkernels

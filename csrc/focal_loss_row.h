@@ -1,0 +1,80 @@
+// Per-row focal-loss math shared by the CPU and CUDA kernels (CONTRACT §1).
+// Plain C++: no torch types, so nvcc compiles it in seconds and the CPU tests
+// check the very formulas the GPU runs.
+#pragma once
+
+#include <math.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define CK_HD __host__ __device__ __forceinline__
+#else
+#define CK_HD inline
+#endif
+
+namespace calibkernels {
+
+// The most pieces an adaptive-gamma schedule may have (CONTRACT §1).
+constexpr int kMaxGammaPieces = 8;
+
+// gamma_i = gammas[j] for the first j with p_y < thresholds[j], else fallback.
+struct GammaSchedule {
+  int n;
+  double thresholds[kMaxGammaPieces];
+  double gammas[kMaxGammaPieces];
+  double fallback;
+};
+
+// Math in float for float/half/bfloat16 inputs, in double for double.
+CK_HD float ck_exp(float x) { return expf(x); }
+CK_HD double ck_exp(double x) { return exp(x); }
+CK_HD float ck_expm1(float x) { return expm1f(x); }
+CK_HD double ck_expm1(double x) { return expm1(x); }
+CK_HD float ck_log(float x) { return logf(x); }
+CK_HD double ck_log(double x) { return log(x); }
+CK_HD float ck_pow(float x, float y) { return powf(x, y); }
+CK_HD double ck_pow(double x, double y) { return pow(x, y); }
+
+// Thresholds are compared in the math precision, so every backend agrees bit for bit.
+template <typename T>
+CK_HD T select_gamma(const GammaSchedule& s, T p_y) {
+  for (int j = 0; j < s.n; ++j) {
+    if (p_y < static_cast<T>(s.thresholds[j])) return static_cast<T>(s.gammas[j]);
+  }
+  return static_cast<T>(s.fallback);
+}
+
+// For one class with log-probability lp and exponent gamma:
+//   p = exp(lp), q = 1 - p (as -expm1(lp): exact where p -> 1, the regime focal loss is for),
+//   f = q^gamma * log p        (the loss term, before the factor -t_k w_k)
+//   G = p f'(p) = q^gamma (1 - gamma p log p / q)   (the gradient factor)
+template <typename T>
+struct FocalTerms {
+  T p, q, f, G;
+};
+
+template <typename T>
+CK_HD FocalTerms<T> focal_terms(T lp, T gamma) {
+  const T p = ck_exp(lp);
+  const T q = -ck_expm1(lp);
+  const T qg = gamma == T(0) ? T(1) : ck_pow(q, gamma);
+  // log p / q -> -1 as q -> 0; the naive q^(gamma-1) form is Inf * 0 = NaN there for gamma < 1.
+  const T ratio = q > T(0) ? lp / q : T(-1);
+  // p == 0 (underflow or a -inf logit) contributes nothing, even when log p is -inf.
+  const T p_ratio = p > T(0) ? p * ratio : T(0);
+  FocalTerms<T> out;
+  out.p = p;
+  out.q = q;
+  out.f = qg * lp;
+  out.G = qg * (T(1) - gamma * p_ratio);
+  return out;
+}
+
+// With a_k = t_k w_k (smoothed target times class weight), S_other = sum over k != y of a_k G_k
+// and aG_y = a_y G_y, the true-class gradient p_y (S_other + aG_y) - aG_y, regrouped so that
+// nothing cancels as p_y -> 1. Computed in the math precision and rounded once when stored.
+template <typename T>
+CK_HD T true_class_grad(const FocalTerms<T>& ty, T S_other, T aG_y) {
+  return ty.p * S_other - ty.q * aG_y;
+}
+
+}  // namespace calibkernels
