@@ -41,10 +41,11 @@ def cpu_capability():
 
 
 def extensions():
-    cxx = ["-O3", "-std=c++20"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
+    # -fopenmp: at::parallel_for is a header template that is serial without it.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
     sources = sorted(glob.glob("csrc/*.cpp"))
     return [CppExtension("calibkernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                         extra_compile_args={"cxx": cxx})]
+                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 
 
 setup(

@@ -27,6 +27,13 @@ def _focal_loss_setup_context(ctx, inputs, output):
     ctx.reduction = inputs[8]
     ctx.has_grad = inputs[9]
     ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills an N x C zero tensor for grad's grad
+
+
+def _is_eager_cpu_one(t: torch.Tensor) -> bool:
+    # Reading a CPU scalar is free (no device sync); traced (fake/functional) tensors are skipped.
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1 and t.item() == 1.0
 
 
 def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
@@ -35,6 +42,10 @@ def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
         raise RuntimeError("calibkernels::focal_loss was called with compute_grad=False, "
                            "so it has no gradient to give")
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 10
+    if _is_eager_cpu_one(grad_loss):
+        return (grad,) + (None,) * 9  # loss.backward() on the CPU: no pass over N x C at all
     scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
     grad_logits = (grad * scale).to(grad.dtype)
     return grad_logits, None, None, None, None, None, None, None, None, None

@@ -30,6 +30,39 @@ struct FocalLossCpuArgs {
   scalar_t* grad;  // nullptr: loss only
 };
 
+// Returns log sum_k exp(x_k - m) and, when out is given, stores each exp(x_k - m) there, so that
+// the gradient pass scales them instead of computing exp again.
+template <typename acc_t>
+acc_t log_sum_exp_shifted(const acc_t* x, acc_t m, acc_t* out, int64_t C) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const Vec vm(m), one(acc_t(1));
+  Vec rest0(acc_t(0)), rest1(acc_t(0)), n_max(acc_t(0));  // two chains hide the add latency
+  int64_t k = 0;
+  for (; k + 2 * V <= C; k += 2 * V) {
+    const Vec x0 = Vec::loadu(x + k), x1 = Vec::loadu(x + k + V);
+    const Vec e0 = (x0 - vm).exp(), e1 = (x1 - vm).exp();
+    if (out) {
+      e0.store(out + k);
+      e1.store(out + k + V);
+    }
+    rest0 = rest0 + (e0 & (x0 < vm));
+    rest1 = rest1 + (e1 & (x1 < vm));
+    n_max = n_max + (one & (x0 == vm)) + (one & (x1 == vm));
+  }
+  for (; k < C; k += V) {
+    const int64_t n = std::min<int64_t>(V, C - k);
+    const Vec x0 = Vec::loadu(x + k, n);
+    const Vec e0 = (x0 - vm).exp();
+    if (out) e0.store(out + k, n);
+    rest0 = Vec::set(rest0, rest0 + (e0 & (x0 < vm)), n);
+    n_max = Vec::set(n_max, n_max + (one & (x0 == vm)), n);
+  }
+  const auto sum = [](const Vec& u, const Vec& v) { return u + v; };
+  return calibkernels::log_sum_exp_shifted(at::vec::vec_reduce_all<acc_t>(sum, n_max),
+                                           at::vec::vec_reduce_all<acc_t>(sum, rest0 + rest1));
+}
+
 template <typename scalar_t>
 void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -70,11 +103,10 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
 
       const acc_t m = at::vec::reduce_all<acc_t>(
           [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); }, x, C);
-      const acc_t s = at::vec::map_reduce_all<acc_t>(
-          [m](const Vec& v) { return (v - Vec(m)).exp(); },
-          [](const Vec& u, const Vec& v) { return u + v; }, x, C);
-      const acc_t lse = m + std::log(s);
-      const acc_t lp_y = x[y] - lse;
+      // out holds exp(x - m) from here on
+      const acc_t log_s = log_sum_exp_shifted(x, m, out, C);
+      const acc_t s = std::exp(log_s);
+      const acc_t lp_y = (x[y] - m) - log_s;
       const acc_t gamma = select_gamma(a.schedule, std::exp(lp_y));
       const FocalTerms<acc_t> ty = focal_terms(lp_y, gamma);
       const acc_t w_y = w ? w[y] : acc_t(1);
@@ -88,54 +120,57 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
         // G = 1 and f = log p: the smoothing terms are sums of log-probabilities and weights.
         const acc_t sum_wlp =
             w ? at::vec::map2_reduce_all<acc_t>(
-                    [lse](const Vec& v, const Vec& wk) { return (v - Vec(lse)) * wk; },
+                    [m, log_s](const Vec& v, const Vec& wk) { return (v - Vec(m) - Vec(log_s)) * wk; },
                     [](const Vec& u, const Vec& v) { return u + v; }, x, w, C)
               : at::vec::map_reduce_all<acc_t>(
-                    [lse](const Vec& v) { return v - Vec(lse); },
+                    [m, log_s](const Vec& v) { return v - Vec(m) - Vec(log_s); },
                     [](const Vec& u, const Vec& v) { return u + v; }, x, C);
         loss += b * sum_wlp;
         S_other = b * (a.weight_sum - w_y);
         aG_y += b * w_y;
         if (out) {
-          const acc_t S = S_other + aG_y;
+          const acc_t S = S_other + aG_y, inv_s = acc_t(1) / s;
           if (w) {
             at::vec::map2(
-                [lse, S, b, scale](const Vec& v, const Vec& wk) {
-                  return ((v - Vec(lse)).exp() * Vec(S) - Vec(b) * wk) * Vec(scale);
+                [inv_s, S, b, scale](const Vec& e, const Vec& wk) {
+                  return (e * Vec(inv_s) * Vec(S) - Vec(b) * wk) * Vec(scale);
                 },
-                out, x, w, C);
+                out, out, w, C);
           } else {
             at::vec::map(
-                [lse, S, b, scale](const Vec& v) {
-                  return ((v - Vec(lse)).exp() * Vec(S) - Vec(b)) * Vec(scale);
+                [inv_s, S, b, scale](const Vec& e) {
+                  return (e * Vec(inv_s) * Vec(S) - Vec(b)) * Vec(scale);
                 },
-                out, x, C);
+                out, out, C);
           }
         }
       } else if (eps > acc_t(0)) {
         // Every class carries target mass and its own (1 - p_k)^gamma: the per-class math.
+        // A serial sum of C terms: accumulate in double, or float loses ~C ulps.
         aG.resize(C);
+        double loss_sum = 0.0, S_sum = 0.0;
         for (int64_t k = 0; k < C; ++k) {
           const acc_t a_k = b * (w ? w[k] : acc_t(1));
-          const FocalTerms<acc_t> tk = focal_terms(x[k] - lse, gamma);
-          loss += a_k * tk.f;
+          const FocalTerms<acc_t> tk = focal_terms((x[k] - m) - log_s, gamma);
+          loss_sum += static_cast<double>(a_k * tk.f);
           aG[k] = a_k * tk.G;
-          if (k != y) S_other += aG[k];
+          if (k != y) S_sum += static_cast<double>(aG[k]);
         }
+        loss += static_cast<acc_t>(loss_sum);
+        S_other = static_cast<acc_t>(S_sum);
         aG_y += aG[y];
         if (out) {
-          const acc_t S = S_other + aG_y;
+          const acc_t S = S_other + aG_y, inv_s = acc_t(1) / s;
           at::vec::map2(
-              [lse, S, scale](const Vec& v, const Vec& ag) {
-                return ((v - Vec(lse)).exp() * Vec(S) - ag) * Vec(scale);
+              [inv_s, S, scale](const Vec& e, const Vec& ag) {
+                return (e * Vec(inv_s) * Vec(S) - ag) * Vec(scale);
               },
-              out, x, aG.data(), C);
+              out, out, aG.data(), C);
         }
       } else if (out) {
         // No smoothing: d loss / d x_j = a_y G(p_y) (p_j - [j == y]).
-        const acc_t c = aG_y * scale;
-        at::vec::map([lse, c](const Vec& v) { return (v - Vec(lse)).exp() * Vec(c); }, out, x,
-                     C);
+        const acc_t c = aG_y * scale / s;
+        at::vec::map([c](const Vec& e) { return e * Vec(c); }, out, out, C);
       }
       a.loss_rows[i] = -loss;
       if (out) {

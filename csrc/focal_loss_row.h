@@ -31,8 +31,17 @@ CK_HD float ck_expm1(float x) { return expm1f(x); }
 CK_HD double ck_expm1(double x) { return expm1(x); }
 CK_HD float ck_log(float x) { return logf(x); }
 CK_HD double ck_log(double x) { return log(x); }
+CK_HD float ck_log1p(float x) { return log1pf(x); }
+CK_HD double ck_log1p(double x) { return log1p(x); }
 CK_HD float ck_pow(float x, float y) { return powf(x, y); }
 CK_HD double ck_pow(double x, double y) { return pow(x, y); }
+
+// log sum_k exp(x_k - m), from the number of k with x_k == m (each adds exactly 1) and the sum
+// of the rest: for a confident row the rest is tiny, and log1p keeps it where 1 + rest would not.
+template <typename T>
+CK_HD T log_sum_exp_shifted(T n_max, T rest) {
+  return ck_log1p((n_max - T(1)) + rest);
+}
 
 // Thresholds are compared in the math precision, so every backend agrees bit for bit.
 template <typename T>

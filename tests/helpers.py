@@ -1,0 +1,46 @@
+"""Shared test inputs and the CONTRACT §4 tolerance rule."""
+
+import torch
+
+LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def make_logits(n, c, dtype=torch.float32, extra_dims=(), *, seed=0, confident=True,
+                ignore_index=None, requires_grad=True, equal_row=True):
+    """Random logits (N, C, *extra_dims) and targets, with confident rows (p_y >= 0.999),
+    rows of all-equal logits and, optionally, ignored positions."""
+    g = torch.Generator().manual_seed(seed)
+    extra_dims = tuple(extra_dims)
+    m = n * int(torch.tensor(extra_dims).prod()) if extra_dims else n
+    rows = torch.randn(m, c, generator=g, dtype=torch.float64) * 2.0
+    flat_t = torch.randint(0, c, (m,), generator=g)
+    if confident and m >= 4:
+        idx = torch.arange(0, m, 4)
+        rows[idx, flat_t[idx]] += 20.0  # p_y >= 0.999 for every C used in the tests
+    if equal_row and m >= 3:
+        rows[m // 3] = 0.5  # all logits equal
+    if ignore_index is not None and m >= 2:
+        flat_t[torch.arange(1, m, 5)] = ignore_index
+    x = rows.reshape((n,) + extra_dims + (c,)).movedim(-1, 1).contiguous()
+    t = flat_t.reshape((n,) + extra_dims)
+    x = x.to(dtype).requires_grad_(requires_grad)
+    return x, t
+
+
+def rel_err(actual, expected):
+    """Norm-wise relative error, max |a - e| / max |e| (0 / 0 counts as 0)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = expected.abs().max() if expected.numel() else torch.tensor(0.0)
+    diff = (actual - expected).abs().max() if expected.numel() else torch.tensor(0.0)
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def assert_within_twice_eager(actual, eager, truth, dtype, what=""):
+    """CONTRACT §4: our error against the float64 truth is at most twice eager PyTorch's in the
+    same dtype, plus a floor of one rounding at the largest magnitude."""
+    truth = truth.double()
+    err = (actual.double() - truth).abs().max().item() if truth.numel() else 0.0
+    eager_err = (eager.double() - truth).abs().max().item() if truth.numel() else 0.0
+    floor = torch.finfo(dtype).eps * (truth.abs().max().item() if truth.numel() else 0.0)
+    assert err <= 2.0 * eager_err + floor, (
+        f"{what}: error {err:.3e} exceeds 2 x eager {eager_err:.3e} + floor {floor:.3e}")

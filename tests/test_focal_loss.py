@@ -1,0 +1,323 @@
+"""calibkernels.focal_loss (fused CPU kernel) against the eager reference, torch and the paper."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import calibkernels as ck
+from calibkernels import reference
+from helpers import LOW_PRECISION, assert_within_twice_eager, make_logits, rel_err
+
+GAMMAS = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, "flsd-53", "flsd-532"]
+SHAPES = [(16, 1, ()), (16, 2, ()), (24, 3, ()), (40, 17, ()), (32, 128, ()), (8, 1000, ()),
+          (4, 5, (3, 2))]
+OPTIONS = [dict(weight=w, ignore_index=ii, label_smoothing=ls)
+           for w, ii, ls in itertools.product([False, True], [None, 3], [0.0, 0.1])]
+
+
+def _kwargs(opts, c, dtype, seed=1):
+    kw = {"label_smoothing": opts["label_smoothing"]}
+    if opts["weight"]:
+        g = torch.Generator().manual_seed(seed)
+        kw["weight"] = (torch.rand(c, generator=g, dtype=torch.float64) + 0.25).to(dtype)
+    if opts["ignore_index"] is not None:
+        kw["ignore_index"] = opts["ignore_index"]
+    return kw
+
+
+def _loss_and_grad(fn, x, t, gamma, reduction, **kw):
+    x = x.detach().requires_grad_()
+    loss = fn(x, t, gamma, reduction=reduction, **kw)
+    # A non-trivial grad_output exercises the scaling in backward.
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (grad,) = torch.autograd.grad(loss, x, go)
+    return loss.detach(), grad
+
+
+def _equal_row_ok(c, gamma):
+    # An all-equal row has p_y = 1/C, exactly a schedule threshold for C = 2 or 5: a tie.
+    return not (isinstance(gamma, str) and c in (2, 5))
+
+
+def _has_unstable_reference_grad(c, gamma):
+    # The eager reference's pow backward is Inf * 0 = NaN where q = 0 and 0 < gamma < 1 (C = 1).
+    return c == 1 and isinstance(gamma, float) and 0.0 < gamma < 1.0
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("gamma", GAMMAS, ids=str)
+def test_matches_reference_float64(gamma, opts, reduction):
+    for seed, (n, c, extra) in enumerate(SHAPES):
+        kw = _kwargs(opts, c, torch.float64, seed)
+        x, t = make_logits(n, c, torch.float64, extra, seed=seed,
+                           ignore_index=opts["ignore_index"], equal_row=_equal_row_ok(c, gamma))
+        loss, grad = _loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
+        ref_loss, ref_grad = _loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
+        assert loss.dtype == torch.float64 and loss.shape == ref_loss.shape
+        assert rel_err(loss, ref_loss) <= 1e-10, (n, c, extra)
+        if not _has_unstable_reference_grad(c, gamma):
+            assert rel_err(grad, ref_grad) <= 1e-10, (n, c, extra)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.0, "flsd-53"], ids=str)
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[3], OPTIONS[5], OPTIONS[7]],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_low_precision_within_twice_eager(dtype, gamma, opts, reduction):
+    for seed, (n, c) in enumerate([(64, 10), (32, 128), (16, 1000), (8, 4097)]):
+        x, t = make_logits(n, c, dtype, seed=seed, ignore_index=opts["ignore_index"])
+        kw = _kwargs(opts, c, dtype, seed)
+        # The truth sees exactly the low-precision inputs, in float64.
+        kw64 = dict(kw, weight=kw["weight"].double()) if "weight" in kw else kw
+        truth = _loss_and_grad(reference.focal_loss, x.double(), t, gamma, reduction, **kw64)
+        ours = _loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
+        eager = _loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
+        assert ours[0].dtype == dtype and ours[1].dtype == dtype
+        assert_within_twice_eager(ours[0], eager[0], truth[0], dtype, f"loss {n}x{c}")
+        assert_within_twice_eager(ours[1], eager[1], truth[1], dtype, f"grad {n}x{c}")
+
+
+@pytest.mark.parametrize("gamma", GAMMAS, ids=str)
+@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[7]],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gradcheck(gamma, opts, reduction):
+    g = torch.Generator().manual_seed(3)
+    c = 5
+    while True:  # keep every p_y away from the schedule's thresholds: the loss jumps there
+        x = torch.randn(6, c, generator=g, dtype=torch.float64) * 2
+        t = torch.randint(0, c, (6,), generator=g)
+        p_y = x.softmax(1).gather(1, t[:, None])
+        if ((p_y - 0.2).abs().min() > 0.02) and ((p_y - 0.5).abs().min() > 0.02):
+            break
+    kw = _kwargs(opts, c, torch.float64)
+    if opts["ignore_index"] is not None:
+        t[2] = kw["ignore_index"]
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: ck.focal_loss(x, t, gamma, reduction=reduction, **kw), (x,))
+
+
+COMBOS = list(itertools.product([None, "w"], [-100, 2], ["none", "mean", "sum"], [0.0, 0.2],
+                                [(), (3,), (2, 3)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("weight,ignore_index,reduction,label_smoothing,extra", COMBOS, ids=str)
+def test_gamma_zero_is_cross_entropy(dtype, weight, ignore_index, reduction, label_smoothing,
+                                     extra):
+    n, c = 12, 7
+    x, t = make_logits(n, c, dtype, extra, seed=5, ignore_index=ignore_index)
+    w = torch.rand(c, dtype=dtype) + 0.5 if weight else None
+    kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction,
+              label_smoothing=label_smoothing)
+    ours = _loss_and_grad(lambda x, t, g, **k: ck.focal_loss(x, t, g, **k), x, t, 0.0, **kw)
+    torch_ = _loss_and_grad(lambda x, t, g, **k: F.cross_entropy(x, t, **k), x, t, 0.0, **kw)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[0], torch_[0], **tol)
+    torch.testing.assert_close(ours[1], torch_[1], **tol)
+    module = ck.FocalLoss(w, ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing, gamma=0.0)
+    expected = torch.nn.CrossEntropyLoss(w, ignore_index=ignore_index, reduction=reduction,
+                                         label_smoothing=label_smoothing)(x, t)
+    torch.testing.assert_close(module(x, t), expected, **tol)
+
+
+def test_paper_fl3_is_summed_focal_loss():
+    # The paper's FocalLoss.forward, verbatim in spirit: gather log p_t, -(1 - p_t)^3 log p_t, sum.
+    x, t = make_logits(64, 10, torch.float64, seed=7)
+    logpt = F.log_softmax(x, dim=1).gather(1, t.view(-1, 1)).view(-1)
+    paper = (-1 * (1 - logpt.exp()) ** 3 * logpt).sum()
+    ours = ck.focal_loss(x, t, 3.0, reduction="sum")
+    assert rel_err(ours, paper) <= 1e-12
+    (g_paper,) = torch.autograd.grad(paper, x)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    assert rel_err(g_ours, g_paper) <= 1e-10
+
+
+@pytest.mark.parametrize("name,gamma_dic,default", [("flsd-53", {0.2: 5.0}, 3.0),
+                                                     ("flsd-532", {0.2: 5.0, 0.5: 3.0}, 2.0)])
+def test_paper_flsd_per_sample_gamma_without_gradient_through_choice(name, gamma_dic, default):
+    x, t = make_logits(64, 10, torch.float64, seed=8, confident=False)
+    x = (x.detach() * 0.7).requires_grad_()  # a spread of p_y on both sides of the thresholds
+    logpt = F.log_softmax(x, dim=1).gather(1, t.view(-1, 1)).view(-1)
+    pt = logpt.exp()
+    # The paper's AdaptiveFocalLoss picks gamma per sample from .item() values: no gradient.
+    gammas = []
+    for i in range(pt.shape[0]):
+        p = pt[i].item()
+        gammas.append(next((g for tau, g in sorted(gamma_dic.items()) if p < tau), default))
+    gamma = torch.tensor(gammas, dtype=torch.float64)
+    assert len(set(gammas)) > 1
+    paper = (-1 * (1 - pt) ** gamma * logpt).sum()
+    ours = ck.focal_loss(x, t, name, reduction="sum")
+    assert rel_err(ours, paper) <= 1e-12
+    (g_paper,) = torch.autograd.grad(paper, x)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    assert rel_err(g_ours, g_paper) <= 1e-10
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.0, 5.0], ids=str)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_extreme_logits_stay_finite(gamma, label_smoothing):
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(64, 50, generator=g) * 2e4 - 1e4)
+    x[:8] = torch.where(torch.rand(8, 50, generator=g) > 0.5, 1e4, -1e4)
+    t = torch.randint(0, 50, (64,), generator=g)
+    t[:4] = x[:4].argmax(1)  # p_y == 1 exactly in float32
+    x[8:16] = 0.0
+    x[8:16, 0] = 12.0  # confident rows: p_y >= 0.9999
+    t[8:16] = 0
+    x.requires_grad_()
+    for reduction in ["none", "mean"]:
+        loss = ck.focal_loss(x, t, gamma, reduction=reduction, label_smoothing=label_smoothing)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    # and the float32 kernel agrees with the float64 kernel there
+    loss64 = ck.focal_loss(x.double(), t, gamma, label_smoothing=label_smoothing)
+    assert rel_err(ck.focal_loss(x, t, gamma, label_smoothing=label_smoothing), loss64) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_true_class_gradient_keeps_its_precision_when_confident(dtype):
+    # p_y -> 1: the true-class gradient is -(1 - p_y) G(p_y), tiny but exact, never rounded away.
+    x = torch.zeros(4, 3, dtype=dtype)
+    x[:, 0] = torch.tensor([5.0, 10.0, 15.0, 20.0], dtype=dtype)
+    t = torch.zeros(4, dtype=torch.long)
+    x.requires_grad_()
+    (g,) = torch.autograd.grad(ck.focal_loss(x, t, 0.0, reduction="sum"), x)
+    x64 = x.detach().double()
+    expected = -(1 - x64.softmax(1)[:, 0])  # exact: 2 e^-a / (1 + 2 e^-a)
+    expected = -2 * torch.exp(-x64[:, 0]) / (1 + 2 * torch.exp(-x64[:, 0]))
+    assert rel_err(g[:, 0], expected) < (1e-6 if dtype == torch.float32 else 1e-14)
+
+
+def test_one_class_is_zero_loss_and_gradient():
+    x = torch.randn(8, 1, requires_grad=True)
+    t = torch.zeros(8, dtype=torch.long)
+    for gamma in GAMMAS:
+        loss = ck.focal_loss(x, t, gamma, label_smoothing=0.1)
+        (grad,) = torch.autograd.grad(loss, x)
+        assert loss.item() == 0.0 and (grad == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_empty_batch(reduction):
+    x = torch.randn(0, 5, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    loss = ck.focal_loss(x, t, 2.0, reduction=reduction)
+    expected = F.cross_entropy(x, t, reduction=reduction)
+    assert loss.shape == expected.shape
+    torch.testing.assert_close(loss, expected, equal_nan=True)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert grad.shape == (0, 5)
+
+
+def test_all_ignored_mean_is_nan_like_torch():
+    x = torch.randn(6, 4, requires_grad=True)
+    t = torch.full((6,), -100)
+    loss = ck.focal_loss(x, t, 3.0)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(x, t))
+    assert ck.focal_loss(x, t, 3.0, reduction="sum").item() == 0.0
+    (grad,) = torch.autograd.grad(ck.focal_loss(x, t, 3.0, reduction="sum"), x)
+    assert (grad == 0).all()
+
+
+def test_non_contiguous_inputs():
+    x, t = make_logits(12, 9, torch.float32, seed=2)
+    xt = x.detach().t().contiguous().t().requires_grad_()  # column-major (12, 9)
+    assert not xt.is_contiguous()
+    t_strided = torch.stack([t, t], 1)[:, 0]
+    assert not t_strided.is_contiguous()
+    ours = _loss_and_grad(ck.focal_loss, xt, t_strided, 2.0, "none")
+    ref = _loss_and_grad(ck.focal_loss, x.detach().contiguous(), t, 2.0, "none")
+    torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=0)
+
+
+def test_unbatched_input_like_cross_entropy():
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(3)
+    for reduction in ["none", "mean", "sum"]:
+        torch.testing.assert_close(ck.focal_loss(x, t, 0.0, reduction=reduction),
+                                   F.cross_entropy(x, t, reduction=reduction))
+
+
+def test_deterministic_across_thread_counts():
+    x, t = make_logits(512, 300, torch.float32, seed=4)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in [1, 2, old]:
+            torch.set_num_threads(threads)
+            results.append(_loss_and_grad(ck.focal_loss, x, t, "flsd-53", "mean"))
+    finally:
+        torch.set_num_threads(old)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_backward_twice_with_retain_graph_accumulates():
+    x, t = make_logits(10, 6, torch.float64, seed=9)
+    loss = ck.focal_loss(x, t, 2.0)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+
+
+def test_no_grad_skips_the_gradient():
+    x, t = make_logits(10, 6, torch.float32, seed=9)
+    with torch.no_grad():
+        loss = ck.focal_loss(x, t, 2.0)
+    assert not loss.requires_grad
+    _, grad = ck.ops.focal_loss(x.detach(), t, None, [], [], 2.0, -100, 0.0, "mean", False)
+    assert grad.numel() == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 12), c=st.integers(1, 40), gamma=st.sampled_from(GAMMAS),
+       reduction=st.sampled_from(["none", "mean", "sum"]),
+       label_smoothing=st.sampled_from([0.0, 0.05, 1.0]), weighted=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_property_matches_reference(n, c, gamma, reduction, label_smoothing, weighted, seed):
+    x, t = make_logits(n, c, torch.float64, seed=seed, ignore_index=-100,
+                       equal_row=_equal_row_ok(c, gamma))
+    kw = dict(label_smoothing=label_smoothing)
+    if weighted:
+        kw["weight"] = torch.rand(c, dtype=torch.float64) + 0.1
+    loss, grad = _loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
+    ref_loss, ref_grad = _loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12, equal_nan=True)
+    if not _has_unstable_reference_grad(c, gamma):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def test_module_mirrors_cross_entropy_loss():
+    w = torch.rand(5)
+    m = ck.FocalLoss(w, None, 2, None, "sum", 0.1, gamma="flsd-53")
+    assert m.reduction == "sum" and m.ignore_index == 2 and m.label_smoothing == 0.1
+    assert m.gamma == ck.NAMED_SCHEDULES["flsd-53"]
+    assert torch.equal(m.state_dict()["weight"], w)
+    assert "gamma=" in repr(m)
+    legacy = ck.FocalLoss(size_average=False, gamma=1.0)
+    assert legacy.reduction == "sum"
+    x, t = make_logits(8, 5, torch.float32, seed=1)
+    torch.testing.assert_close(
+        m(x, t), ck.focal_loss(x, t, "flsd-53", weight=w, ignore_index=2, reduction="sum",
+                               label_smoothing=0.1))
+    schedule = ck.GammaSchedule(thresholds=(0.3,), gammas=(4.0,), default=1.0)
+    torch.testing.assert_close(ck.FocalLoss(gamma=schedule)(x, t),
+                               reference.focal_loss(x, t, schedule))
+
+
+def test_torch_backend_is_the_reference():
+    x, t = make_logits(8, 5, torch.float32, seed=1)
+    torch.testing.assert_close(ck.focal_loss(x, t, 2.0, backend="torch"),
+                               reference.focal_loss(x, t, 2.0))
