@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -30,10 +31,10 @@ struct FocalLossCpuArgs {
   scalar_t* grad;  // nullptr: loss only
 };
 
-// Returns log sum_k exp(x_k - m) and, when out is given, stores each exp(x_k - m) there, so that
-// the gradient pass scales them instead of computing exp again.
+// Returns {#k with x_k == m, sum of exp(x_k - m) over the other k} and, when out is given, stores
+// each exp(x_k - m) there, so that the gradient pass scales them instead of computing exp again.
 template <typename acc_t>
-acc_t log_sum_exp_shifted(const acc_t* x, acc_t m, acc_t* out, int64_t C) {
+std::pair<acc_t, acc_t> exp_sum_split(const acc_t* x, acc_t m, acc_t* out, int64_t C) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const Vec vm(m), one(acc_t(1));
@@ -59,8 +60,8 @@ acc_t log_sum_exp_shifted(const acc_t* x, acc_t m, acc_t* out, int64_t C) {
     n_max = Vec::set(n_max, n_max + (one & (x0 == vm)), n);
   }
   const auto sum = [](const Vec& u, const Vec& v) { return u + v; };
-  return calibkernels::log_sum_exp_shifted(at::vec::vec_reduce_all<acc_t>(sum, n_max),
-                                           at::vec::vec_reduce_all<acc_t>(sum, rest0 + rest1));
+  return {at::vec::vec_reduce_all<acc_t>(sum, n_max),
+          at::vec::vec_reduce_all<acc_t>(sum, rest0 + rest1)};
 }
 
 template <typename scalar_t>
@@ -104,8 +105,8 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
       const acc_t m = at::vec::reduce_all<acc_t>(
           [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); }, x, C);
       // out holds exp(x - m) from here on
-      const acc_t log_s = log_sum_exp_shifted(x, m, out, C);
-      const acc_t s = std::exp(log_s);
+      const auto [n_max, rest] = exp_sum_split(x, m, out, C);
+      const acc_t s = n_max + rest, log_s = log_sum_exp_shifted(n_max, rest);
       const acc_t lp_y = (x[y] - m) - log_s;
       const acc_t gamma = select_gamma(a.schedule, std::exp(lp_y));
       const FocalTerms<acc_t> ty = focal_terms(lp_y, gamma);

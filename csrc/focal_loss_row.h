@@ -40,7 +40,8 @@ CK_HD double ck_pow(double x, double y) { return pow(x, y); }
 // of the rest: for a confident row the rest is tiny, and log1p keeps it where 1 + rest would not.
 template <typename T>
 CK_HD T log_sum_exp_shifted(T n_max, T rest) {
-  return ck_log1p((n_max - T(1)) + rest);
+  const T r = (n_max - T(1)) + rest;
+  return r < T(0.5) ? ck_log1p(r) : ck_log(T(1) + r);  // log is exact enough there, and faster
 }
 
 // Thresholds are compared in the math precision, so every backend agrees bit for bit.
@@ -64,7 +65,8 @@ struct FocalTerms {
 template <typename T>
 CK_HD FocalTerms<T> focal_terms(T lp, T gamma) {
   const T p = ck_exp(lp);
-  const T q = -ck_expm1(lp);
+  // 1 - p only loses bits as p -> 1; below p = 1/2 it is as good as expm1 and cheaper.
+  const T q = lp < T(-0.6931471805599453) ? T(1) - p : -ck_expm1(lp);
   const T qg = gamma == T(0) ? T(1) : ck_pow(q, gamma);
   // log p / q -> -1 as q -> 0; the naive q^(gamma-1) form is Inf * 0 = NaN there for gamma < 1.
   const T ratio = q > T(0) ? lp / q : T(-1);
