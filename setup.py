@@ -4,11 +4,56 @@ and the toolchain can build them (torch a CUDA build and nvcc found; no GPU need
 import glob
 import os
 import platform
+import re
+import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Real GPUs to build for (SASS), plus PTX of the newest so that later GPUs JIT it. Explicit, because
+# torch's own arch detection needs a GPU and this must build without one.
+CUDA_ARCHS = ["80", "90"]
+
+
+def find_cuda_home():
+    """The CUDA toolkit folder. The nvcc on PATH may be a wrapper script elsewhere, so ask nvcc
+    itself (its dry run prints _HERE_=<toolkit>/bin) rather than guess from its path."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    here = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    return os.path.dirname(here.group(1).strip()) if here else os.path.dirname(os.path.dirname(nvcc))
+
+
+def want_cuda():
+    """CALIBKERNELS_CUDA=0 skips CUDA, =1 requires it; by default CUDA is built whenever torch is a
+    CUDA build and nvcc is found (no GPU needed)."""
+    import torch
+
+    setting = os.environ.get("CALIBKERNELS_CUDA", "auto")
+    if setting == "0":
+        return False
+    possible = torch.version.cuda is not None and find_cuda_home() is not None
+    if setting == "1" and not possible:
+        raise SystemExit("CALIBKERNELS_CUDA=1 but torch is not a CUDA build or nvcc was not found")
+    return possible
+
+
+BUILD_CUDA = want_cuda()
+if BUILD_CUDA:
+    os.environ["CUDA_HOME"] = find_cuda_home()  # read by torch.utils.cpp_extension at import
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 # at::vec picks its SIMD width from CPU_CAPABILITY_* at compile time, as ATen's own kernels do.
 CPU_CAPABILITY_FLAGS = {
@@ -44,8 +89,23 @@ def extensions():
     # -fopenmp: at::parallel_for is a header template that is serial without it.
     cxx = ["-O3", "-std=c++20", "-fopenmp"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
     sources = sorted(glob.glob("csrc/*.cpp"))
-    return [CppExtension("calibkernels._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    if not (BUILD_CUDA and cuda_sources):
+        return [CppExtension("calibkernels._C", sources, include_dirs=include_dirs,
+                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    # pip's CUDA wheels carry headers (cusparse.h, cublas_v2.h) that some toolkits lack.
+    for site in sys.path:
+        wheel_include = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(wheel_include):
+            include_dirs.append(wheel_include)
+            break
+    nvcc = ["-O3", "-std=c++20", "-lineinfo"]
+    nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    nvcc += [f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]
+    return [CUDAExtension("calibkernels._C", sources + cuda_sources, include_dirs=include_dirs,
+                          extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                          extra_link_args=["-fopenmp"])]
 
 
 setup(
