@@ -1,5 +1,7 @@
 """Softmax focal loss (Mukhoti et al., NeurIPS 2020): the functional form and the nn.Module."""
 
+import os
+
 import torch
 from torch import nn
 from torch.nn import _reduction
@@ -7,7 +9,25 @@ from torch.nn import _reduction
 from . import ops, reference
 from .schedule import as_schedule
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs: "cpu" / "cuda" are the C++ kernels of that device, "triton" the
+    Triton kernel, "torch" the eager reference. "auto" takes the C++ kernel of the logits' device
+    (the GPU benchmarks will decide between CUDA C++ and Triton per shape), else the reference."""
+    if backend == "auto":
+        return device.type if device.type in ("cpu", "cuda") else "torch"
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise ValueError(f"focal_loss: backend={backend!r} needs {backend} tensors, "
+                         f"got logits on {device}")
+    if backend == "triton":
+        if ops.focal_loss_triton is None:
+            raise ValueError("focal_loss: backend='triton' needs triton, which is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"focal_loss: backend='triton' needs CUDA tensors (or "
+                             f"TRITON_INTERPRET=1 for CPU tensors), got logits on {device}")
+    return backend
 
 
 def _check_inputs(logits, target, weight, reduction, label_smoothing, backend):
@@ -53,11 +73,12 @@ def focal_loss(logits, target, gamma=3.0, *, weight=None, ignore_index=-100, red
     loss_i = -sum_k t_k w_k (1 - p_k)^gamma_i log p_k, with p = softmax(logits_i) and t the
     (label-smoothed) one-hot target. ``gamma`` is a float >= 0, "flsd-53", "flsd-532" or a
     GammaSchedule. ``logits`` is (N, C) or (N, C, d1, ..., dk); ``target`` holds int64 class
-    indices of shape (N) or (N, d1, ..., dk). ``backend="auto"`` runs the fused kernel of the
-    logits' device; ``"torch"`` runs the eager reference.
+    indices of shape (N) or (N, d1, ..., dk). ``backend`` is "auto", "cpu" or "cuda" (the fused
+    C++ kernels), "triton" (the fused Triton kernel) or "torch" (the eager reference).
     """
     _check_inputs(logits, target, weight, reduction, label_smoothing, backend)
     schedule = as_schedule(gamma)
+    backend = resolve_backend(backend, logits.device)
     if backend == "torch":
         return reference.focal_loss(logits, target, schedule, weight=weight,
                                     ignore_index=ignore_index, reduction=reduction,
@@ -67,7 +88,8 @@ def focal_loss(logits, target, gamma=3.0, *, weight=None, ignore_index=-100, red
         logits, target = logits.unsqueeze(0), target.unsqueeze(0)
     n_classes = logits.shape[1]
     rows = logits.movedim(1, -1).reshape(-1, n_classes) if logits.dim() > 2 else logits
-    loss, _ = ops.focal_loss(rows, target.reshape(-1), weight, list(schedule.thresholds),
+    op = ops.focal_loss_triton if backend == "triton" else ops.focal_loss
+    loss, _ = op(rows, target.reshape(-1), weight, list(schedule.thresholds),
                              list(schedule.gammas), schedule.default, int(ignore_index),
                              float(label_smoothing), reduction,
                              torch.is_grad_enabled() and logits.requires_grad)

@@ -3,9 +3,12 @@
 Each op is `torch.ops.calibkernels.<name>`; the public functions wrap these.
 """
 
+from typing import List, Optional, Tuple
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
+from .schedule import GammaSchedule
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,3 +58,77 @@ torch.library.register_autograd("calibkernels::focal_loss", _focal_loss_backward
                                 setup_context=_focal_loss_setup_context)
 
 focal_loss = torch.ops.calibkernels.focal_loss
+
+
+# ---- Triton: the same contract, as a triton_op so that torch.compile sees into the kernel ----
+
+try:
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    from . import triton_kernels as _tk
+except ImportError:  # torch without triton (e.g. a CPU-only build): the C++ ops still work
+    triton = None
+    focal_loss_triton = None
+else:
+
+    @triton_op("calibkernels::focal_loss_triton", mutates_args=())
+    def focal_loss_triton(logits: torch.Tensor, target: torch.Tensor,
+                          weight: Optional[torch.Tensor], thresholds: List[float],
+                          gammas: List[float], gamma_default: float, ignore_index: int,
+                          label_smoothing: float, reduction: str,
+                          compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """calibkernels::focal_loss, computed by the Triton kernel (same arguments, outputs)."""
+        _check_triton_args(logits, target, weight, thresholds, gammas, gamma_default, reduction)
+        x, t = logits.contiguous(), target.contiguous()
+        n, c = x.shape
+        acc = _acc_dtype(x.dtype)
+        w = weight.to(acc).contiguous() if weight is not None else None
+        # The mean's divisor, on the device (no host sync): NaN if a target is out of range.
+        kept = t != ignore_index
+        w_y = w[t.clamp(0, c - 1)].double() if w is not None else \
+            torch.ones(n, dtype=torch.float64, device=x.device)
+        w_y = torch.where(kept & ((t < 0) | (t >= c)), float("nan"), torch.where(kept, w_y, 0.0))
+        divisor = w_y.sum()
+        loss_rows = torch.empty(n, dtype=acc, device=x.device)
+        grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad \
+            else x.new_empty((0,))
+        if n > 0:
+            pieces = len(thresholds)
+            thr = list(thresholds) + [1.0] * (_tk.MAX_PIECES - pieces)
+            gam = list(gammas) + [0.0] * (_tk.MAX_PIECES - pieces)
+            block = min(triton.next_power_of_2(c), 4096 if x.element_size() >= 4 else 8192)
+            wrap_triton(_tk.focal_loss_rows_kernel)[(n,)](
+                x, t, w if w is not None else loss_rows, divisor, loss_rows,
+                grad if compute_grad else loss_rows, c, ignore_index, float(label_smoothing),
+                *thr, *gam, float(gamma_default), N_PIECES=pieces, HAS_WEIGHT=w is not None,
+                HAS_GRAD=compute_grad, SMOOTH=label_smoothing > 0, MEAN=reduction == "mean",
+                MATH_T=triton.language.float64 if acc == torch.float64 else
+                triton.language.float32,
+                BLOCK_C=block, num_warps=4 if block <= 1024 else 8)
+        if reduction == "none":
+            return loss_rows, grad
+        total = loss_rows.sum(dtype=torch.float64)
+        if reduction == "mean":
+            total = total / divisor
+        return total.to(acc), grad
+
+    torch.library.register_autograd("calibkernels::focal_loss_triton", _focal_loss_backward,
+                                    setup_context=_focal_loss_setup_context)
+
+
+def _check_triton_args(logits, target, weight, thresholds, gammas, gamma_default, reduction):
+    # The C++ ops check in csrc/calibkernels.cpp; the Triton op checks the same here.
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"focal_loss: logits must be a 2-D (N, C) floating tensor, got "
+                         f"{logits.dtype} of shape {tuple(logits.shape)}")
+    if target.dtype != torch.int64 or tuple(target.shape) != (logits.shape[0],):
+        raise ValueError(f"focal_loss: target must hold int64 class indices of shape "
+                         f"({logits.shape[0]},), got {target.dtype} of shape "
+                         f"{tuple(target.shape)}")
+    if weight is not None and tuple(weight.shape) != (logits.shape[1],):
+        raise ValueError(f"focal_loss: weight must have shape ({logits.shape[1]},)")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"focal_loss: reduction must be 'none', 'mean' or 'sum', got "
+                         f"'{reduction}'")
+    GammaSchedule(thresholds, gammas, gamma_default)  # validates the schedule

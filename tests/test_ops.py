@@ -1,5 +1,7 @@
 """The registered ops: opcheck, torch.compile, dispatch, and clear errors for bad input."""
 
+import os
+
 import pytest
 import torch
 
@@ -12,6 +14,19 @@ OPS = ["calibkernels::focal_loss"]
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_has_a_cpu_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
+
+
+@pytest.mark.skipif(torch.version.cuda is None or os.environ.get("CALIBKERNELS_CUDA") == "0",
+                    reason="torch is not a CUDA build, or CUDA was switched off")
+@pytest.mark.parametrize("op", OPS)
+def test_every_op_has_a_cuda_kernel(op):
+    # A CUDA build of torch with nvcc must give CUDA kernels: a silently CPU-only build fails here.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+
+
+def test_triton_op_is_registered():
+    assert ck.ops.focal_loss_triton is not None
+    assert torch.ops.calibkernels.focal_loss_triton.default is not None
 
 
 def _focal_loss_samples():

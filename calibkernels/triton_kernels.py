@@ -1,0 +1,181 @@
+"""Triton kernels with the contract of the C++ ones (CONTRACT §1), one program per row.
+
+The per-row math mirrors csrc/focal_loss_row.h line for line (names included); expm1 and log1p,
+which Triton lacks, use Kahan's exact-ratio forms. Under TRITON_INTERPRET=1 they run on CPU tensors.
+"""
+
+import triton
+import triton.language as tl
+
+MAX_PIECES = 8
+LN_HALF = -0.6931471805599453
+
+
+@triton.jit
+def _expm1(x):
+    # Kahan: (u - 1) * x / log(u) with u = exp(x) cancels the rounding of u (a few ulps).
+    u = tl.exp(x)
+    um1 = u - 1.0
+    safe = (u != 1.0) & (um1 != -1.0)
+    ratio = um1 * x / tl.log(tl.where(safe, u, 2.0))
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, ratio))
+
+
+@triton.jit
+def _log1p(r):
+    u = 1.0 + r
+    ratio = tl.log(u) * r / tl.where(u == 1.0, 1.0, u - 1.0)
+    return tl.where(u == 1.0, r, ratio)
+
+
+@triton.jit
+def log_sum_exp_shifted(n_max, rest):
+    r = (n_max - 1.0) + rest
+    return tl.where(r < 0.5, _log1p(r), tl.log(1.0 + r))
+
+
+@triton.jit
+def _as(x, ty: tl.constexpr):
+    # A float64 kernel argument (a Python float under the interpreter) in the math type.
+    return (tl.zeros((), ty) + x).to(ty)
+
+
+@triton.jit
+def select_gamma(p_y, t0, t1, t2, t3, t4, t5, t6, t7, g0, g1, g2, g3, g4, g5, g6, g7, default,
+                 N_PIECES: tl.constexpr):
+    # Thresholds compared in the math precision; walk backwards so the first one above p_y wins.
+    ty = p_y.dtype
+    gamma = tl.zeros_like(p_y) + _as(default, ty)
+    if N_PIECES > 7:
+        gamma = tl.where(p_y < _as(t7, ty), _as(g7, ty), gamma)
+    if N_PIECES > 6:
+        gamma = tl.where(p_y < _as(t6, ty), _as(g6, ty), gamma)
+    if N_PIECES > 5:
+        gamma = tl.where(p_y < _as(t5, ty), _as(g5, ty), gamma)
+    if N_PIECES > 4:
+        gamma = tl.where(p_y < _as(t4, ty), _as(g4, ty), gamma)
+    if N_PIECES > 3:
+        gamma = tl.where(p_y < _as(t3, ty), _as(g3, ty), gamma)
+    if N_PIECES > 2:
+        gamma = tl.where(p_y < _as(t2, ty), _as(g2, ty), gamma)
+    if N_PIECES > 1:
+        gamma = tl.where(p_y < _as(t1, ty), _as(g1, ty), gamma)
+    if N_PIECES > 0:
+        gamma = tl.where(p_y < _as(t0, ty), _as(g0, ty), gamma)
+    return gamma
+
+
+@triton.jit
+def focal_terms(lp, gamma):
+    """(p, q, f, G) of csrc/focal_loss_row.h: q = 1 - p, f = q^gamma log p, G = p f'(p)."""
+    p = tl.exp(lp)
+    q = tl.where(lp < -0.6931471805599453, 1.0 - p, -_expm1(tl.minimum(lp, 0.0)))
+    qg = tl.where(gamma == 0.0, 1.0,
+                  tl.where(q > 0.0, tl.exp(gamma * tl.log(tl.where(q > 0.0, q, 1.0))), 0.0))
+    ratio = tl.where(q > 0.0, lp / tl.where(q > 0.0, q, 1.0), -1.0)
+    p_ratio = tl.where(p > 0.0, p * ratio, 0.0)
+    return p, q, qg * lp, qg * (1.0 - gamma * p_ratio)
+
+
+@triton.jit
+def focal_loss_rows_kernel(X, TARGET, WEIGHT, DIVISOR, LOSS_ROWS, GRAD, n_classes, ignore_index,
+                           eps: tl.float64, t0: tl.float64, t1: tl.float64, t2: tl.float64,
+                           t3: tl.float64, t4: tl.float64, t5: tl.float64, t6: tl.float64,
+                           t7: tl.float64, g0: tl.float64, g1: tl.float64, g2: tl.float64,
+                           g3: tl.float64, g4: tl.float64, g5: tl.float64, g6: tl.float64,
+                           g7: tl.float64, gamma_default: tl.float64,
+                           N_PIECES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                           HAS_GRAD: tl.constexpr, SMOOTH: tl.constexpr, MEAN: tl.constexpr,
+                           MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * n_classes  # 64-bit offsets: N * C > 2^31 at LLM vocabularies
+    math_t = MATH_T  # float32, or float64 for float64 logits
+    cols = tl.arange(0, BLOCK_C)
+
+    # Pass 1: online softmax statistics (max, how many equal it, the sum of exp over the rest).
+    m = tl.full((), float("-inf"), math_t)
+    n_max = tl.zeros((), math_t)
+    rest = tl.zeros((), math_t)
+    for start in range(0, n_classes, BLOCK_C):
+        offs = start + cols
+        mask = offs < n_classes
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(math_t)
+        new_m = tl.maximum(m, tl.max(x, 0))
+        grew = new_m > m
+        rest = tl.where(grew, (rest + n_max) * tl.exp(tl.where(grew, m - new_m, 0.0)), rest)
+        n_max = tl.where(grew, 0.0, n_max)
+        m = new_m
+        at_max = mask & (x == m)
+        n_max += tl.sum(at_max.to(math_t), 0)
+        rest += tl.sum(tl.where(mask & (x != m), tl.exp(x - m), 0.0), 0)
+    s = n_max + rest
+    log_s = log_sum_exp_shifted(n_max, rest)
+
+    y = tl.load(TARGET + row)
+    kept = y != ignore_index
+    in_range = (y >= 0) & (y < n_classes)
+    bad = kept & (~in_range)
+    live = kept & in_range
+    y_safe = tl.where(live, y, 0)  # never read out of bounds for a bad target
+    lp_y = tl.where(live, (tl.load(x_row + y_safe).to(math_t) - m) - log_s, 0.0)
+    gamma = select_gamma(tl.exp(lp_y), t0, t1, t2, t3, t4, t5, t6, t7, g0, g1, g2, g3, g4, g5,
+                         g6, g7, gamma_default, N_PIECES)
+    p_y, q_y, f_y, G_y = focal_terms(lp_y, gamma)
+    w_y = tl.full((), 1.0, math_t)
+    if HAS_WEIGHT:
+        w_y = tl.load(WEIGHT + y_safe).to(math_t)
+    eps = _as(eps, math_t)
+    a1_y = (1.0 - eps) * w_y
+    loss = a1_y * f_y
+    S_other = tl.zeros((), math_t)
+    aG_y = a1_y * G_y
+    b = eps / n_classes
+
+    # Pass 2 (label smoothing only): sum_k a_k f_k and sum_{k != y} a_k G_k.
+    if SMOOTH:
+        sum_af = tl.zeros((), math_t)
+        sum_aG = tl.zeros((), math_t)
+        for start in range(0, n_classes, BLOCK_C):
+            offs = start + cols
+            mask = offs < n_classes
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
+            w_k = tl.full((BLOCK_C,), 1.0, math_t)
+            if HAS_WEIGHT:
+                w_k = tl.load(WEIGHT + offs, mask=mask, other=0.0).to(math_t)
+            a_k = tl.where(mask, b * w_k, 0.0)
+            _, _, f_k, G_k = focal_terms(tl.where(mask, (x - m) - log_s, 0.0), gamma)
+            sum_af += tl.sum(a_k * f_k, 0)
+            sum_aG += tl.sum(tl.where(offs != y, a_k * G_k, 0.0), 0)
+        loss += sum_af
+        S_other = sum_aG
+        aG_y += b * w_y * G_y
+
+    loss_out = tl.where(live, -loss, 0.0)
+    loss_out = tl.where(bad, float("nan"), loss_out)
+    tl.store(LOSS_ROWS + row, loss_out.to(LOSS_ROWS.dtype.element_ty))
+
+    # Pass 3: the gradient, written once; the true class formed in the math precision.
+    if HAS_GRAD:
+        scale = tl.full((), 1.0, math_t)
+        if MEAN:
+            scale = 1.0 / tl.load(DIVISOR).to(math_t)
+        g_row = GRAD + row * n_classes
+        S = S_other + aG_y
+        g_y = (p_y * S_other - q_y * aG_y) * scale
+        fill = tl.where(bad, float("nan"), 0.0)
+        for start in range(0, n_classes, BLOCK_C):
+            offs = start + cols
+            mask = offs < n_classes
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
+            p_k = tl.exp(x - m) / s
+            if SMOOTH:
+                w_k = tl.full((BLOCK_C,), 1.0, math_t)
+                if HAS_WEIGHT:
+                    w_k = tl.load(WEIGHT + offs, mask=mask, other=0.0).to(math_t)
+                _, _, _, G_k = focal_terms(tl.where(mask, (x - m) - log_s, 0.0), gamma)
+                g = (p_k * S - b * w_k * G_k) * scale
+            else:
+                g = p_k * aG_y * scale
+            g = tl.where(offs == y, g_y, g)
+            g = tl.where(live, g, fill)
+            tl.store(g_row + offs, g.to(GRAD.dtype.element_ty), mask=mask)

@@ -1,0 +1,96 @@
+"""The Triton kernel against the reference (CONTRACT §4 tolerances), every option. Without a GPU
+it runs on CPU tensors in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import calibkernels as ck
+from calibkernels import reference
+from helpers import assert_within_twice_eager, make_logits
+
+pytestmark = pytest.mark.skipif(
+    ck.ops.focal_loss_triton is None
+    or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton with a GPU or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CLASSES = [1, 2, 3, 17, 128, 1000, 4097]
+REDUCTIONS = ["none", "mean", "sum"]
+OPTIONS = list(itertools.product([False, True], [None, 2], [0.0, 0.1]))
+
+
+def _case(n, c, dtype, gamma, weighted, ignore_index, smoothing, seed):
+    x, t = make_logits(n, c, dtype, seed=seed, ignore_index=ignore_index,
+                       equal_row=not (isinstance(gamma, str) and c in (2, 5)))
+    kw = dict(label_smoothing=smoothing)
+    if ignore_index is not None:
+        kw["ignore_index"] = ignore_index
+    if weighted:
+        kw["weight"] = (torch.rand(c, generator=torch.Generator().manual_seed(seed)) + 0.25)
+    return x.detach().to(DEVICE), t.to(DEVICE), kw
+
+
+def _run(fn, x, t, gamma, reduction, kw):
+    x = x.detach().requires_grad_()
+    loss = fn(x, t, gamma, reduction=reduction, **kw)
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+    (grad,) = torch.autograd.grad(loss, x, go.reshape(loss.shape))
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weighted,ignore_index,smoothing", OPTIONS, ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0, "flsd-53", "flsd-532"], ids=str)
+def test_triton_matches_reference(dtype, weighted, ignore_index, smoothing, gamma):
+    for i, c in enumerate(CLASSES):
+        reduction = REDUCTIONS[i % 3]
+        x, t, kw = _case(6, c, dtype, gamma, weighted, ignore_index, smoothing, seed=i)
+        kw_low = dict(kw, weight=kw["weight"].to(dtype).to(DEVICE)) if weighted else kw
+        kw64 = dict(kw, weight=kw_low["weight"].double()) if weighted else kw
+
+        def triton_fn(*a, **k):
+            return ck.focal_loss(*a, backend="triton", **k)
+
+        ours = _run(triton_fn, x, t, gamma, reduction, kw_low)
+        truth = _run(reference.focal_loss, x.double(), t, gamma, reduction, kw64)
+        eager = _run(reference.focal_loss, x, t, gamma, reduction, kw_low)
+        assert ours[0].dtype == dtype and ours[1].dtype == dtype
+        assert_within_twice_eager(ours[0], eager[0], truth[0], dtype, f"loss C={c}")
+        if not (c == 1 and gamma == 0.5):  # the eager reference's gradient is NaN there
+            assert_within_twice_eager(ours[1], eager[1], truth[1], dtype, f"grad C={c}")
+        else:
+            assert (ours[1] == 0).all()
+
+
+def test_triton_extreme_logits_stay_finite():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(8, 50, generator=g) * 2e4 - 1e4).to(DEVICE)
+    t = torch.randint(0, 50, (8,), generator=g).to(DEVICE)
+    t[:2] = x[:2].argmax(1)
+    for gamma in [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]:
+        loss, grad = _run(lambda *a, **k: ck.focal_loss(*a, backend="triton", **k), x, t, gamma,
+                          "mean", dict(label_smoothing=0.1))
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+
+
+def test_triton_bad_target_is_nan_not_out_of_bounds():
+    # The device path cannot raise without a host sync: the loss and gradient turn NaN instead.
+    x = torch.randn(4, 5, device=DEVICE)
+    t = torch.tensor([0, 1, 7, 2], device=DEVICE)
+    loss, grad = ck.ops.focal_loss_triton(x, t, None, [], [], 2.0, -100, 0.0, "none", True)
+    assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
+    assert torch.isfinite(loss[[0, 1, 3]]).all() and torch.isfinite(grad[[0, 1, 3]]).all()
+    mean, _ = ck.ops.focal_loss_triton(x, t, None, [], [], 2.0, -100, 0.0, "mean", False)
+    assert torch.isnan(mean)
+
+
+def test_triton_backend_needs_a_device_it_can_run_on(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        ck.focal_loss(x, t, backend="triton")
+    with pytest.raises(ValueError, match="backend='cuda' needs cuda tensors"):
+        ck.focal_loss(x, t, backend="cuda")
