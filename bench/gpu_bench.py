@@ -1,0 +1,146 @@
+"""GPU benchmark of focal loss forward + backward at the CONTRACT §5 GPU shapes.
+
+    python bench/gpu_bench.py --out DIR [--quick]
+
+Times (median of triton.testing.do_bench, inputs rotated past the L2 cache) the fused CUDA C++
+and Triton kernels, the eager reference and torch.compile of it at gamma = 3; at gamma = 0 also
+F.cross_entropy and Liger-Kernel's cross entropy when it is installed. Reports ms, GB/s against
+the minimal traffic (read the logits once, write the gradient once: 2·N·C·bytes + 8·N), the
+percentage of this run's own device-to-device copy bandwidth, speed-ups and peak extra memory.
+Writes DIR/focal_loss.json and DIR/focal_loss.md.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import calibkernels as ck
+from calibkernels import reference
+
+GPU_SHAPES = [(65536, 10), (65536, 100), (65536, 1000), (8192, 32000), (8192, 128256),
+              (4096, 262144)]
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+L2_BYTES = 50 * 2**20  # H100; inputs smaller than ~2x this are rotated
+
+
+def copy_bandwidth():
+    """Device-to-device copy GB/s (read + write counted) on 1 GiB, as the roofline of this run."""
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def liger_cross_entropy():
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy as fn
+    except ImportError:
+        return None
+    return lambda x, t, gamma: fn(x, t)
+
+
+def implementations(gamma):
+    impls = {
+        "cuda": lambda x, t, g: ck.focal_loss(x, t, g, backend="cuda"),
+        "triton": lambda x, t, g: ck.focal_loss(x, t, g, backend="triton"),
+    }
+    if gamma == 0.0:
+        impls["F.cross_entropy"] = lambda x, t, g: F.cross_entropy(x, t)
+        liger = liger_cross_entropy()
+        if liger is not None:
+            impls["liger"] = liger
+    else:
+        impls["eager"] = reference.focal_loss
+        impls["compile"] = torch.compile(reference.focal_loss, dynamic=False)
+    return impls
+
+
+def bench_one(fn, n, c, dtype, gamma):
+    """Median ms of forward + backward, and the peak memory beyond the inputs and the gradient."""
+    per_copy = n * c * torch.finfo(dtype).bits // 8
+    copies = max(1, min(256, (2 * L2_BYTES) // per_copy + 1))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [(torch.randn(n, c, device="cuda", generator=g) * 2).to(dtype).requires_grad_()
+          for _ in range(copies)]
+    ts = [torch.randint(0, c, (n,), device="cuda", generator=g) for _ in range(copies)]
+    state = {"i": 0}
+
+    def step():
+        i = state["i"] = (state["i"] + 1) % copies
+        return torch.autograd.grad(fn(xs[i], ts[i], gamma), xs[i])
+
+    step()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grad = step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - grad[0].numel() * grad[0].element_size()
+    del grad
+    ms = do_bench(step, warmup=10, rep=100, return_mode="median")
+    return ms, max(0, extra)
+
+
+def run(out, quick=False):
+    os.makedirs(out, exist_ok=True)
+    copy_gbps = copy_bandwidth()
+    shapes = GPU_SHAPES[:3] if quick else GPU_SHAPES
+    rows = []
+    for (n, c), (dname, dtype), gamma in [(s, d, g) for s in shapes for d in DTYPES.items()
+                                          for g in (3.0, 0.0)]:
+        minimal = 2 * n * c * torch.finfo(dtype).bits // 8 + 8 * n
+        results = {}
+        for name, fn in implementations(gamma).items():
+            try:
+                ms, extra = bench_one(fn, n, c, dtype, gamma)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"{n}x{c} {dname} gamma={gamma} {name}: out of memory")
+                continue
+            results[name] = ms
+            gbps = minimal / ms / 1e6
+            rows.append(dict(n=n, c=c, dtype=dname, gamma=gamma, impl=name, ms=ms, gbps=gbps,
+                             pct_copy=100 * gbps / copy_gbps, extra_peak_bytes=extra))
+            print(f"{n}x{c} {dname} gamma={gamma} {name}: {ms:.3f} ms {gbps:.0f} GB/s "
+                  f"({100 * gbps / copy_gbps:.0f}% of copy), extra peak {extra / 2**20:.1f} MiB",
+                  flush=True)
+            torch.cuda.empty_cache()
+        for r in rows[-len(results):]:
+            for base in ("eager", "compile", "F.cross_entropy", "liger"):
+                if base in results:
+                    r[f"speedup_vs_{base}"] = results[base] / r["ms"]
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                date=datetime.date.today().isoformat(), python=platform.python_version(),
+                copy_gbps=copy_gbps, note="forward + backward, median ms (do_bench)")
+    with open(os.path.join(out, "focal_loss.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(os.path.join(out, "focal_loss.md"), "w") as f:
+        f.write(f"# Focal loss forward + backward on {meta['gpu']}\n\n"
+                f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+                f"{meta['date']}. Copy bandwidth of this run: {copy_gbps:.0f} GB/s. GB/s count the "
+                f"minimal traffic 2·N·C·bytes + 8·N.\n\n"
+                "| N × C | dtype | γ | impl | ms | GB/s | % copy | vs eager | vs compile | "
+                "vs F.ce | vs liger | extra peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            sp = [f"{r[k]:.2f}×" if k in r else "" for k in
+                  ("speedup_vs_eager", "speedup_vs_compile", "speedup_vs_F.cross_entropy",
+                   "speedup_vs_liger")]
+            f.write(f"| {r['n']} × {r['c']} | {r['dtype']} | {r['gamma']:g} | {r['impl']} | "
+                    f"{r['ms']:.3f} | {r['gbps']:.0f} | {r['pct_copy']:.0f} | " + " | ".join(sp)
+                    + f" | {r['extra_peak_bytes'] / 2**20:.1f} |\n")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for focal_loss.json and .md")
+    parser.add_argument("--quick", action="store_true", help="only the three smallest shapes")
+    run(parser.parse_args().out, parser.parse_args().quick)
