@@ -1,8 +1,14 @@
 """calibkernels: fused focal-loss and calibration kernels for PyTorch."""
 
 from . import ops, reference
+from .calibration import (CalibrationMeter, CalibrationState, adaptive_ece, calibration_bins,
+                          calibration_error, classwise_ece, ece, mce, reliability_table, rmsce)
 from .focal_loss import FocalLoss, focal_loss
+from .plotting import reliability_diagram
 from .schedule import NAMED_SCHEDULES, GammaSchedule
 
-__all__ = ["FocalLoss", "GammaSchedule", "NAMED_SCHEDULES", "focal_loss", "ops", "reference"]
+__all__ = ["CalibrationMeter", "CalibrationState", "FocalLoss", "GammaSchedule",
+           "NAMED_SCHEDULES", "adaptive_ece", "calibration_bins", "calibration_error",
+           "classwise_ece", "ece", "focal_loss", "mce", "ops", "reference", "reliability_diagram",
+           "reliability_table", "rmsce"]
 __version__ = "0.1.0"

@@ -60,6 +60,27 @@ torch.library.register_autograd("calibkernels::focal_loss", _focal_loss_backward
 focal_loss = torch.ops.calibkernels.focal_loss
 
 
+@torch.library.register_fake("calibkernels::calibration_bins")
+def _calibration_bins_fake(input, target, boundaries, from_logits, ignore_index, classwise,
+                           per_sample):
+    torch._check(input.dim() == 2, lambda: "calibration: input must be 2-D (N, C)")
+    n, c = input.shape
+    n_bins = boundaries.shape[0] - 1
+    i64 = dict(dtype=torch.int64, device=input.device)
+    f64 = dict(dtype=torch.float64, device=input.device)
+    cw = c if classwise else 0
+    m = n if per_sample else 0
+    return (torch.empty(n_bins, **i64), torch.empty(n_bins, **f64), torch.empty(n_bins, **i64),
+            torch.empty(cw, n_bins, **i64), torch.empty(cw, n_bins, **f64),
+            torch.empty(cw, n_bins, **i64),
+            input.new_empty(m, dtype=_acc_dtype(input.dtype)),
+            input.new_empty(m, dtype=torch.bool))
+
+
+calibration_bins = torch.ops.calibkernels.calibration_bins
+calibration_bins_triton = None  # defined below when triton is present
+
+
 # ---- Triton: the same contract, as a triton_op so that torch.compile sees into the kernel ----
 
 try:

@@ -48,3 +48,80 @@ def focal_loss(logits, target, gamma=3.0, *, weight=None, ignore_index=-100, red
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / w_y.sum()
+
+
+# ---- calibration metrics (CONTRACT §2), eager: a mask per bin ----
+
+def _boundaries(n_bins, device):
+    return torch.linspace(0, 1, n_bins + 1, dtype=torch.float32, device=device)
+
+
+def _bin_of(c, n_bins):
+    """bin(c) = #{j in 1..n_bins-1 : boundaries[j] < c}, with the float32 boundaries."""
+    inner = _boundaries(n_bins, c.device)[1:-1].to(c.dtype)
+    return (c.unsqueeze(-1) > inner).sum(-1)
+
+
+def _probs(x, from_logits):
+    return x.float().softmax(1) if from_logits and x.dtype != torch.float64 else \
+        (x.softmax(1) if from_logits else x)
+
+
+def calibration_error(x, target, n_bins=15, norm="l1", from_logits=True, ignore_index=-100):
+    """Top-label ECE ("l1"), MCE ("max") or RMSCE ("l2"), in float64."""
+    keep = target != ignore_index
+    p = _probs(x, from_logits)[keep]
+    conf, pred = p.max(1)
+    correct = (pred == target[keep]).double()
+    conf64, bins = conf.double(), _bin_of(conf, n_bins)
+    n = len(conf)
+    if n == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    gaps, weights = [], []
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            gaps.append((correct[m].mean() - conf64[m].mean()).abs())
+            weights.append(m.sum().double() / n)
+    gaps, weights = torch.stack(gaps), torch.stack(weights)
+    if norm == "l1":
+        return (weights * gaps).sum()
+    if norm == "max":
+        return gaps.max()
+    return (weights * gaps**2).sum().sqrt()
+
+
+def classwise_ece(x, target, n_bins=15, from_logits=True, ignore_index=-100):
+    """The paper's classwise ECE: per class k, bin p_ik of every sample; mean over k."""
+    keep = target != ignore_index
+    p = _probs(x, from_logits)[keep]
+    t = target[keep]
+    n, c = p.shape
+    if n == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for k in range(c):
+        pk, hit = p[:, k], (t == k).double()
+        bins = _bin_of(pk, n_bins)
+        for b in range(n_bins):
+            m = bins == b
+            if m.any():
+                total += m.sum() / n * (hit[m].mean() - pk[m].double().mean()).abs()
+    return total / c
+
+
+def adaptive_ece(x, target, n_bins=15, from_logits=True, ignore_index=-100):
+    """AdaECE: sorted confidences split into n_bins groups whose sizes differ by at most one."""
+    keep = target != ignore_index
+    p = _probs(x, from_logits)[keep]
+    conf, pred = p.max(1)
+    correct = (pred == target[keep]).double()
+    n = len(conf)
+    if n == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    order = torch.sort(conf, stable=True).indices
+    total = torch.zeros((), dtype=torch.float64)
+    for idx in torch.tensor_split(order, n_bins):
+        if len(idx):
+            total += len(idx) / n * (correct[idx].mean() - conf[idx].double().mean()).abs()
+    return total

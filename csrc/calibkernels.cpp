@@ -78,6 +78,28 @@ GammaSchedule check_focal_loss_args(const at::Tensor& logits, const at::Tensor& 
   return s;
 }
 
+void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
+                            const at::Tensor& boundaries) {
+  TORCH_CHECK_VALUE(input.dim() == 2, "calibration: logits / probabilities must be 2-D (N, C), "
+                    "got shape ", input.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()),
+                    "calibration: logits / probabilities must be floating, got ",
+                    input.scalar_type());
+  TORCH_CHECK_VALUE(input.size(1) >= 1, "calibration: need at least one class");
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
+                    "calibration: target must hold int64 class indices, got ",
+                    target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0),
+                    "calibration: target must have shape (", input.size(0), "), got ",
+                    target.sizes());
+  TORCH_CHECK_VALUE(boundaries.scalar_type() == at::kFloat && boundaries.dim() == 1 &&
+                        boundaries.size(0) >= 2,
+                    "calibration: boundaries must be float32 of shape (n_bins + 1) with "
+                    "n_bins >= 1");
+  TORCH_CHECK_VALUE(target.device() == input.device() && boundaries.device() == input.device(),
+                    "calibration: input, target and boundaries must be on one device");
+}
+
 }  // namespace calibkernels
 
 TORCH_LIBRARY(calibkernels, m) {
@@ -89,4 +111,14 @@ TORCH_LIBRARY(calibkernels, m) {
       "focal_loss(Tensor logits, Tensor target, Tensor? weight, float[] thresholds, "
       "float[] gammas, float gamma_default, int ignore_index, float label_smoothing, "
       "str reduction, bool compute_grad) -> (Tensor, Tensor)");
+  // Histogram-binned calibration state of CONTRACT §2 for (N, C) logits (softmax inside) or
+  // probabilities, reading them once. boundaries: float32 torch.linspace(0, 1, n_bins + 1).
+  // Returns the top-label state (count int64, sum of confidence float64, correct int64; each
+  // (n_bins)), the classwise state (the same three, (C, n_bins); empty unless classwise) and the
+  // per-sample (confidence, correct) of every row (empty unless per_sample). Samples whose target
+  // is ignore_index are left out of the binned state.
+  m.def(
+      "calibration_bins(Tensor input, Tensor target, Tensor boundaries, bool from_logits, "
+      "int ignore_index, bool classwise, bool per_sample) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor)");
 }

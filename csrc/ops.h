@@ -17,4 +17,7 @@ GammaSchedule check_focal_loss_args(const at::Tensor& logits, const at::Tensor& 
                                     at::ArrayRef<double> thresholds, at::ArrayRef<double> gammas,
                                     double gamma_default, double label_smoothing);
 
+void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
+                            const at::Tensor& boundaries);
+
 }  // namespace calibkernels
