@@ -106,7 +106,7 @@ def classwise_ece(x, target, n_bins=15, from_logits=True, ignore_index=-100):
         for b in range(n_bins):
             m = bins == b
             if m.any():
-                total += m.sum() / n * (hit[m].mean() - pk[m].double().mean()).abs()
+                total += m.sum().double() / n * (hit[m].mean() - pk[m].double().mean()).abs()
     return total / c
 
 

@@ -1,0 +1,198 @@
+"""Calibration metrics (fused CPU kernel) against the eager reference, torchmetrics and netcal."""
+
+import pytest
+import torch
+
+import calibkernels as ck
+from calibkernels import reference
+from calibkernels.calibration import per_sample
+
+torch_mc = pytest.importorskip("torchmetrics.functional.classification")
+
+
+def _data(n, c, dtype=torch.float64, seed=0, ignore=False, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    # a model that is right more often than chance, so that accuracy varies over the bins
+    right = torch.rand(n, generator=g) < 0.5
+    t[right] = x[right].argmax(1)
+    if ignore:
+        t[::7] = -100
+    return x, t
+
+
+CASES = [(500, 1), (600, 2), (700, 3), (1000, 10), (800, 100)]
+
+
+@pytest.mark.parametrize("n,c", CASES)
+@pytest.mark.parametrize("n_bins", [1, 5, 15, 20])
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("ignore", [False, True])
+def test_matches_reference_float64(n, c, n_bins, from_logits, ignore):
+    x, t = _data(n, c, seed=n_bins, ignore=ignore)
+    inp = x if from_logits else x.softmax(1)
+    kw = dict(n_bins=n_bins, from_logits=from_logits)
+    for norm in ["l1", "max", "l2"]:
+        torch.testing.assert_close(ck.calibration_error(inp, t, norm=norm, **kw),
+                                   reference.calibration_error(inp, t, norm=norm, **kw),
+                                   rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ck.classwise_ece(inp, t, **kw), reference.classwise_ece(inp, t, **kw),
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ck.adaptive_ece(inp, t, **kw), reference.adaptive_ece(inp, t, **kw),
+                               rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_inputs_match_reference_on_the_same_values(dtype):
+    x, t = _data(2000, 10, dtype=dtype, seed=1)
+    for norm in ["l1", "max", "l2"]:
+        torch.testing.assert_close(ck.calibration_error(x, t, norm=norm),
+                                   reference.calibration_error(x, t, norm=norm),
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ck.classwise_ece(x, t), reference.classwise_ece(x, t),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+@pytest.mark.parametrize("n_bins", [10, 15])
+def test_matches_torchmetrics(norm, n_bins):
+    # Random continuous confidences never sit on a bin edge, where the conventions differ.
+    x, t = _data(5000, 10, dtype=torch.float32, seed=2)
+    p = x.softmax(1)
+    expected = torch_mc.multiclass_calibration_error(p, t, 10, n_bins=n_bins, norm=norm)
+    torch.testing.assert_close(ck.calibration_error(p, t, n_bins, norm, from_logits=False).float(),
+                               expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ck.calibration_error(x, t, n_bins, norm).float(), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_torchmetrics_adapter_matches_functional():
+    from calibkernels.torchmetrics_adapter import BinnedCalibrationError
+
+    x, t = _data(3000, 10, dtype=torch.float32, seed=3)
+    for norm in ["l1", "l2", "max"]:
+        metric = BinnedCalibrationError(n_bins=15, norm=norm)
+        for chunk in range(0, 3000, 700):
+            metric.update(x[chunk:chunk + 700], t[chunk:chunk + 700])
+        torch.testing.assert_close(metric.compute(), ck.calibration_error(x, t, norm=norm))
+        assert metric.counts.numel() == 15  # O(n_bins) state, summed on sync
+
+
+def test_matches_netcal_ece():
+    netcal = pytest.importorskip("netcal.metrics")
+    x, t = _data(5000, 10, dtype=torch.float64, seed=4)
+    p = x.softmax(1)
+    expected = netcal.ECE(bins=15).measure(p.numpy(), t.numpy())
+    assert abs(ck.ece(p, t, from_logits=False).item() - expected) < 1e-9
+
+
+def test_confidences_on_bin_edges():
+    n_bins = 15
+    beta = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)
+    conf = torch.cat([beta, beta[1:-1]])  # 0, every k/15 and 1.0 (some twice)
+    probs = torch.zeros(len(conf), 3, dtype=torch.float32)
+    probs[:, 0] = conf
+    t = torch.zeros(len(conf), dtype=torch.long)
+    table = ck.reliability_table(probs, t, n_bins, from_logits=False)
+    # bins are (lo, hi]: beta_k lands in bin k - 1, and 0 in bin 0. So bin 0 holds 0 and beta_1
+    # twice, bins 1..13 hold beta_{k+1} twice, bin 14 holds 1.0 once.
+    assert table["count"].tolist() == [3] + [2] * 13 + [1]
+    ref_bins = reference._bin_of(conf, n_bins)
+    assert torch.equal(torch.bincount(ref_bins, minlength=n_bins), table["count"])
+
+
+def test_ignore_index_and_empty():
+    x, t = _data(100, 5, seed=5)
+    t[:] = -100
+    for fn in [ck.ece, ck.mce, ck.rmsce, ck.classwise_ece, ck.adaptive_ece]:
+        assert torch.isnan(fn(x, t))
+    x0, t0 = torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)
+    assert torch.isnan(ck.ece(x0, t0))
+
+
+def test_deterministic_over_reruns_and_thread_counts():
+    x, t = _data(20000, 37, dtype=torch.float32, seed=6)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in [1, 2, old] + [old] * 8:
+            torch.set_num_threads(threads)
+            s = ck.calibration_bins(x, t, 15, classwise=True)
+            results.append([s.counts, s.conf_sums, s.hits, s.cw_counts, s.cw_conf_sums,
+                            s.cw_hits])
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
+
+
+def test_per_sample_confidence_and_argmax_ties():
+    x = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0], [0.0, -1.0, 5.0]])
+    t = torch.tensor([1, 0, 1])
+    conf, correct = per_sample(x, t)
+    torch.testing.assert_close(conf, x.softmax(1).amax(1))
+    assert correct.tolist() == [True, True, False]  # lowest index wins ties, as torch.argmax
+
+
+def test_meter_streams_and_round_trips():
+    x, t = _data(3000, 10, dtype=torch.float32, seed=7, ignore=True)
+    meter = ck.CalibrationMeter(classwise=True, adaptive=True)
+    for chunk in range(0, 3000, 512):
+        meter.update(x[chunk:chunk + 512], t[chunk:chunk + 512])
+    got = meter.compute()
+    assert got["n"] == (t != -100).sum()
+    torch.testing.assert_close(got["ece"], ck.ece(x, t))
+    torch.testing.assert_close(got["mce"], ck.mce(x, t))
+    torch.testing.assert_close(got["rmsce"], ck.rmsce(x, t))
+    torch.testing.assert_close(got["classwise_ece"], ck.classwise_ece(x, t))
+    torch.testing.assert_close(got["adaptive_ece"], ck.adaptive_ece(x, t))
+    again = ck.CalibrationMeter(classwise=True, adaptive=True)
+    again.load_state_dict(meter.state_dict())
+    for k, v in again.compute().items():
+        torch.testing.assert_close(v, got[k])
+    meter.reset()
+    with pytest.raises(RuntimeError, match="before any update"):
+        meter.compute()
+
+
+def test_reliability_diagram_draws_and_saves(tmp_path):
+    import matplotlib.figure
+
+    x, t = _data(2000, 10, dtype=torch.float32, seed=8)
+    path = tmp_path / "diagram.png"
+    fig = ck.reliability_diagram(x, t, title="digits", path=path)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert f"{100 * ck.ece(x, t).item():.2f}%" in fig.axes[0].get_title()
+    assert path.stat().st_size > 10_000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_opcheck_calibration_bins():
+    x, t = _data(50, 7, dtype=torch.float32, seed=9, ignore=True)
+    beta = torch.linspace(0, 1, 16)
+    for classwise in [False, True]:
+        for per in [False, True]:
+            torch.library.opcheck(torch.ops.calibkernels.calibration_bins.default,
+                                  (x, t, beta, True, -100, classwise, per))
+            torch.library.opcheck(torch.ops.calibkernels.calibration_bins.default,
+                                  (x.softmax(1), t, beta, False, -100, classwise, per))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x, t: ck.ece(x.softmax(1) * 2, t, from_logits=False), ValueError, r"in \[0, 1\]"),
+    (lambda x, t: ck.ece(-x.softmax(1), t, from_logits=False), ValueError, r"in \[0, 1\]"),
+    (lambda x, t: ck.ece(x[:, :, None], t), ValueError, "must be 2-D"),
+    (lambda x, t: ck.ece(x, t[:-1]), ValueError, "target must hold int64 class indices of shape"),
+    (lambda x, t: ck.ece(x, t.float()), ValueError, "target must hold int64"),
+    (lambda x, t: ck.ece(x.long(), t), ValueError, "must be floating"),
+    (lambda x, t: ck.ece(x, t, n_bins=0), ValueError, "n_bins must be an int >= 1"),
+    (lambda x, t: ck.calibration_error(x, t, norm="l3"), ValueError, "norm must be one of"),
+    (lambda x, t: ck.ece(x, torch.where(t == 0, 12, t)), IndexError, "target 12 at position"),
+    (lambda x, t: ck.CalibrationMeter(n_bins=0), ValueError, "n_bins must be an int >= 1"),
+])
+def test_bad_input(call, exc, match):
+    x, t = _data(40, 5, dtype=torch.float32, seed=10)
+    t[0] = 0
+    with pytest.raises(exc, match=match):
+        call(x, t)
