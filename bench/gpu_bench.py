@@ -7,7 +7,8 @@ and Triton kernels, the eager reference and torch.compile of it at gamma = 3; at
 F.cross_entropy and Liger-Kernel's cross entropy when it is installed. Reports ms, GB/s against
 the minimal traffic (read the logits once, write the gradient once: 2·N·C·bytes + 8·N), the
 percentage of this run's own device-to-device copy bandwidth, speed-ups and peak extra memory.
-Writes DIR/focal_loss.json and DIR/focal_loss.md.
+Writes DIR/focal_loss.json and DIR/focal_loss.md; then ECE from logits against torchmetrics and
+the eager reference, to DIR/ece.json and DIR/ece.md.
 """
 
 import argparse
@@ -88,6 +89,57 @@ def bench_one(fn, n, c, dtype, gamma):
     return ms, max(0, extra)
 
 
+def bench_ece(out, copy_gbps, shapes):
+    """Top-label ECE (15 bins) from logits: both fused backends against the eager reference and
+    torchmetrics; minimal traffic N·C·bytes + 8·N."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    impls = {
+        "cuda": lambda x, t: ck.ece(x, t, backend="cuda"),
+        "triton": lambda x, t: ck.ece(x, t, backend="triton"),
+        "eager": lambda x, t: reference.calibration_error(x, t),
+        "torchmetrics": lambda x, t: multiclass_calibration_error(x, t, x.shape[1], n_bins=15),
+    }
+    rows = []
+    for (n, c), (dname, dtype) in [(s, d) for s in shapes for d in DTYPES.items()]:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = (torch.randn(n, c, device="cuda", generator=g) * 2).to(dtype)
+        t = torch.randint(0, c, (n,), device="cuda", generator=g)
+        minimal = n * c * x.element_size() + 8 * n
+        results = {}
+        for name, fn in impls.items():
+            try:
+                fn(x, t)
+                ms = do_bench(lambda: fn(x, t), warmup=5, rep=50, return_mode="median")
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                continue
+            results[name] = ms
+            gbps = minimal / ms / 1e6
+            rows.append(dict(n=n, c=c, dtype=dname, impl=name, ms=ms, gbps=gbps,
+                             pct_copy=100 * gbps / copy_gbps))
+            print(f"ece {n}x{c} {dname} {name}: {ms:.3f} ms {gbps:.0f} GB/s", flush=True)
+        for r in rows[-len(results):]:
+            for base in ("eager", "torchmetrics"):
+                if base in results:
+                    r[f"speedup_vs_{base}"] = results[base] / r["ms"]
+        del x
+        torch.cuda.empty_cache()
+    with open(os.path.join(out, "ece.json"), "w") as f:
+        json.dump(dict(copy_gbps=copy_gbps, rows=rows), f, indent=1)
+    with open(os.path.join(out, "ece.md"), "w") as f:
+        f.write(f"# ECE (15 bins, from logits) on {torch.cuda.get_device_name()}\n\n"
+                f"Copy bandwidth of this run: {copy_gbps:.0f} GB/s; GB/s count N·C·bytes + 8·N."
+                "\n\n| N × C | dtype | impl | ms | GB/s | % copy | vs eager | vs torchmetrics |\n"
+                "|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            sp = [f"{r[k]:.1f}×" if k in r else "" for k in
+                  ("speedup_vs_eager", "speedup_vs_torchmetrics")]
+            f.write(f"| {r['n']} × {r['c']} | {r['dtype']} | {r['impl']} | {r['ms']:.3f} | "
+                    f"{r['gbps']:.0f} | {r['pct_copy']:.0f} | " + " | ".join(sp) + " |\n")
+    return rows
+
+
 def run(out, quick=False):
     os.makedirs(out, exist_ok=True)
     copy_gbps = copy_bandwidth()
@@ -116,6 +168,7 @@ def run(out, quick=False):
             for base in ("eager", "compile", "F.cross_entropy", "liger"):
                 if base in results:
                     r[f"speedup_vs_{base}"] = results[base] / r["ms"]
+    bench_ece(out, copy_gbps, shapes)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda,
                 date=datetime.date.today().isoformat(), python=platform.python_version(),

@@ -1,4 +1,4 @@
-"""Small focal-loss cases for compute-sanitizer memcheck: every dtype, both GPU backends, rows
+"""Small focal-loss and calibration cases for compute-sanitizer memcheck: every dtype, both GPU backends, rows
 that are not a multiple of the vector width, ignored and out-of-range targets."""
 
 import torch
@@ -17,5 +17,11 @@ for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
                 op(x, t, w, [0.2, 0.5], [5.0, 3.0], 2.0, -100, 0.1, reduction, True)
                 op(x[:, : max(1, c - 1)].contiguous(), t.clamp(max=max(0, c - 2)), None, [], [],
                    0.5, -100, 0.0, reduction, False)
+        p = x.float().softmax(1).to(dtype)
+        for backend in ("cuda", "triton"):
+            ck.calibration_bins(x, t, 15, classwise=c <= 1000, backend=backend)
+            ck.calibration_bins(p, t.clamp(0, c - 1), 15, from_logits=False, classwise=c <= 1000,
+                                backend=backend)
+            ck.adaptive_ece(x, t, backend=backend)
 torch.cuda.synchronize()
 print("memcheck cases done")

@@ -70,16 +70,15 @@ def calibration_bins(input, target, n_bins=15, *, from_logits=True, ignore_index
 
 
 def _op(backend, device):
-    if backend == "triton":
-        if ops.calibration_bins_triton is None:
-            raise ValueError("calibration: backend='triton' needs triton, which is not installed")
-        return ops.calibration_bins_triton
-    if backend not in ("auto", "cpu", "cuda"):
+    from .focal_loss import resolve_backend
+
+    if backend not in ("auto", "cpu", "cuda", "triton"):
         raise ValueError(f"calibration: backend must be 'auto', 'cpu', 'cuda' or 'triton', "
                          f"got {backend!r}")
-    if backend in ("cpu", "cuda") and device.type != backend:
-        raise ValueError(f"calibration: backend={backend!r} needs {backend} tensors, got {device}")
-    return ops.calibration_bins
+    backend = resolve_backend(backend, device, "calibration")
+    if backend == "torch":
+        raise ValueError(f"calibration: no fused kernel for {device} tensors")
+    return ops.calibration_bins_triton if backend == "triton" else ops.calibration_bins
 
 
 def binned_error(counts, conf_sums, hits, norm="l1"):

@@ -12,21 +12,21 @@ from .schedule import as_schedule
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, what: str = "focal_loss") -> str:
     """The backend that runs: "cpu" / "cuda" are the C++ kernels of that device, "triton" the
     Triton kernel, "torch" the eager reference. "auto" takes the C++ kernel of the logits' device
     (the GPU benchmarks will decide between CUDA C++ and Triton per shape), else the reference."""
     if backend == "auto":
         return device.type if device.type in ("cpu", "cuda") else "torch"
     if backend in ("cpu", "cuda") and device.type != backend:
-        raise ValueError(f"focal_loss: backend={backend!r} needs {backend} tensors, "
-                         f"got logits on {device}")
+        raise ValueError(f"{what}: backend={backend!r} needs {backend} tensors, "
+                         f"got them on {device}")
     if backend == "triton":
-        if ops.focal_loss_triton is None:
-            raise ValueError("focal_loss: backend='triton' needs triton, which is not installed")
+        if ops.triton is None:
+            raise ValueError(f"{what}: backend='triton' needs triton, which is not installed")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"focal_loss: backend='triton' needs CUDA tensors (or "
-                             f"TRITON_INTERPRET=1 for CPU tensors), got logits on {device}")
+            raise ValueError(f"{what}: backend='triton' needs CUDA tensors (or "
+                             f"TRITON_INTERPRET=1 for CPU tensors), got them on {device}")
     return backend
 
 

@@ -78,7 +78,6 @@ def _calibration_bins_fake(input, target, boundaries, from_logits, ignore_index,
 
 
 calibration_bins = torch.ops.calibkernels.calibration_bins
-calibration_bins_triton = None  # defined below when triton is present
 
 
 # ---- Triton: the same contract, as a triton_op so that torch.compile sees into the kernel ----
@@ -91,6 +90,7 @@ try:
 except ImportError:  # torch without triton (e.g. a CPU-only build): the C++ ops still work
     triton = None
     focal_loss_triton = None
+    calibration_bins_triton = None
 else:
 
     @triton_op("calibkernels::focal_loss_triton", mutates_args=())
@@ -136,6 +136,77 @@ else:
 
     torch.library.register_autograd("calibkernels::focal_loss_triton", _focal_loss_backward,
                                     setup_context=_focal_loss_setup_context)
+
+    @triton_op("calibkernels::calibration_bins_triton", mutates_args=())
+    def calibration_bins_triton(
+            input: torch.Tensor, target: torch.Tensor, boundaries: torch.Tensor,
+            from_logits: bool, ignore_index: int, classwise: bool, per_sample: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor, torch.Tensor, torch.Tensor]:
+        """calibkernels::calibration_bins, computed by the Triton kernels (same outputs)."""
+        _check_triton_calibration_args(input, target, boundaries)
+        x, t, beta = input.contiguous(), target.contiguous(), boundaries.contiguous()
+        n, c = x.shape
+        n_bins = beta.numel() - 1
+        nb = triton.next_power_of_2(n_bins)
+        acc = _acc_dtype(x.dtype)
+        math_t = triton.language.float64 if acc == torch.float64 else triton.language.float32
+        dev = x.device
+        conf = torch.empty(n, dtype=acc, device=dev)
+        correct = torch.empty(n, dtype=torch.bool, device=dev)
+        stats = classwise and from_logits
+        row_max = torch.empty(n if stats else 0, dtype=acc, device=dev)
+        row_sum = torch.empty(n if stats else 0, dtype=acc, device=dev)
+        if n > 0:
+            block = min(triton.next_power_of_2(c), 4096)
+            wrap_triton(_tk.calibration_rows_kernel)[(n,)](
+                x, t, conf, correct, row_max if stats else conf, row_sum if stats else conf, c,
+                ignore_index, FROM_LOGITS=from_logits, STATS=stats, MATH_T=math_t,
+                BLOCK_C=block, num_warps=4 if block <= 1024 else 8)
+        # Partial sums per chunk of rows, then a sum over the chunks: a fixed order, no atomics.
+        block_r = max(16, min(1024, 8192 // nb))
+        chunks = max(1, triton.cdiv(n, block_r))
+        i64 = dict(dtype=torch.int64, device=dev)
+        part = (torch.zeros(chunks, n_bins, **i64),
+                torch.zeros(chunks, n_bins, dtype=torch.float64, device=dev),
+                torch.zeros(chunks, n_bins, **i64))
+        if n > 0:
+            wrap_triton(_tk.calibration_top_partials_kernel)[(chunks,)](
+                conf, correct, t, beta, *part, n, ignore_index, N_BINS=n_bins, NB=nb,
+                BLOCK_R=block_r)
+        counts, conf_sums, hits = (q.sum(0) for q in part)
+        cw_rows = c if classwise else 0
+        cw = (torch.zeros(cw_rows, n_bins, **i64),
+              torch.zeros(cw_rows, n_bins, dtype=torch.float64, device=dev),
+              torch.zeros(cw_rows, n_bins, **i64))
+        if classwise and n > 0:
+            block_k = 32
+            cw_chunks = max(1, min(triton.cdiv(n, 256), (1 << 22) // (c * n_bins)))
+            rows_per_chunk = triton.cdiv(n, cw_chunks)
+            cw_part = (torch.zeros(cw_chunks, c, n_bins, **i64),
+                       torch.zeros(cw_chunks, c, n_bins, dtype=torch.float64, device=dev),
+                       torch.zeros(cw_chunks, c, n_bins, **i64))
+            wrap_triton(_tk.calibration_classwise_partials_kernel)[
+                (cw_chunks, triton.cdiv(c, block_k))](
+                x, t, row_max if stats else conf, row_sum if stats else conf, conf, beta,
+                *cw_part, n, c, ignore_index, rows_per_chunk, FROM_LOGITS=from_logits,
+                MATH_T=math_t, N_BINS=n_bins, NB=nb, BLOCK_R=max(1, min(16, 1024 // nb)),
+                BLOCK_K=block_k)
+            cw = tuple(q.sum(0) for q in cw_part)
+        if not per_sample:
+            conf, correct = conf[:0], correct[:0]
+        return (counts, conf_sums, hits, *cw, conf.clone(), correct.clone())
+
+
+def _check_triton_calibration_args(input, target, boundaries):
+    if input.dim() != 2 or not input.is_floating_point() or input.shape[1] < 1:
+        raise ValueError(f"calibration: logits / probabilities must be 2-D (N, C) floating, got "
+                         f"{input.dtype} of shape {tuple(input.shape)}")
+    if target.dtype != torch.int64 or tuple(target.shape) != (input.shape[0],):
+        raise ValueError(f"calibration: target must hold int64 class indices of shape "
+                         f"({input.shape[0]},)")
+    if boundaries.dtype != torch.float32 or boundaries.dim() != 1 or boundaries.numel() < 2:
+        raise ValueError("calibration: boundaries must be float32 of shape (n_bins + 1)")
 
 
 def _check_triton_args(logits, target, weight, thresholds, gammas, gamma_default, reduction):

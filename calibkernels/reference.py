@@ -58,8 +58,9 @@ def _boundaries(n_bins, device):
 
 def _bin_of(c, n_bins):
     """bin(c) = #{j in 1..n_bins-1 : boundaries[j] < c}, with the float32 boundaries."""
-    inner = _boundaries(n_bins, c.device)[1:-1].to(c.dtype)
-    return (c.unsqueeze(-1) > inner).sum(-1)
+    wide = torch.float64 if c.dtype == torch.float64 else torch.float32  # exact for c and edges
+    inner = _boundaries(n_bins, c.device)[1:-1].to(wide)
+    return (c.to(wide).unsqueeze(-1) > inner).sum(-1)
 
 
 def _probs(x, from_logits):

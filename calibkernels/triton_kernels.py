@@ -179,3 +179,123 @@ def focal_loss_rows_kernel(X, TARGET, WEIGHT, DIVISOR, LOSS_ROWS, GRAD, n_classe
             g = tl.where(offs == y, g_y, g)
             g = tl.where(live, g, fill)
             tl.store(g_row + offs, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+# ---- calibration (CONTRACT §2) ----
+
+@triton.jit
+def bin_index(c, BETA, N_BINS: tl.constexpr):
+    """#{j in 1..n_bins-1 : beta_j < c} (csrc/calibration_row.h): a guess from c * n_bins, then
+    two steps each way against the float32 boundaries (the guess is never off by more)."""
+    g = (c * N_BINS).to(tl.int32)
+    g = tl.minimum(tl.maximum(g, 0), N_BINS - 1)
+    g = tl.where(c == c, g, 0)  # NaN: a poisoned sample
+    for _ in tl.static_range(2):
+        down = (g > 0) & (tl.load(BETA + g).to(c.dtype) >= c)
+        g = tl.where(down, g - 1, g)
+    for _ in tl.static_range(2):
+        up = (g < N_BINS - 1) & (tl.load(BETA + tl.minimum(g + 1, N_BINS)).to(c.dtype) < c)
+        g = tl.where(up, g + 1, g)
+    return g
+
+
+@triton.jit
+def calibration_rows_kernel(X, TARGET, CONF, CORRECT, ROW_MAX, ROW_SUM, n_classes, ignore_index,
+                            FROM_LOGITS: tl.constexpr, STATS: tl.constexpr, MATH_T: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * n_classes
+    cols = tl.arange(0, BLOCK_C)
+    m = tl.full((), float("-inf"), MATH_T)
+    s = tl.zeros((), MATH_T)
+    idx = tl.full((), 0, tl.int64) + n_classes
+    outside = tl.full((), 0, tl.int32)
+    for start in range(0, n_classes, BLOCK_C):
+        offs = start + cols
+        mask = offs < n_classes
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(MATH_T)
+        outside += tl.sum((mask & ~((x >= 0.0) & (x <= 1.0))).to(tl.int32), 0)
+        cm = tl.max(x, 0)
+        cidx = tl.min(tl.where(mask & (x == cm), offs, n_classes), 0).to(tl.int64)
+        grew = cm > m
+        idx = tl.where(grew, cidx, idx)  # on a tie the earlier chunk keeps the lowest index
+        new_m = tl.maximum(m, cm)
+        if FROM_LOGITS:
+            s = tl.where(s == 0.0, 0.0, s * tl.exp(tl.where(grew, m - new_m, 0.0)))
+            s += tl.sum(tl.where(mask, tl.exp(x - new_m), 0.0), 0)
+        m = new_m
+    y = tl.load(TARGET + row)
+    bad = (y != ignore_index) & ((y < 0) | (y >= n_classes))
+    if FROM_LOGITS:
+        conf = 1.0 / s  # exp(m - m) / s: the top probability
+    else:
+        conf = m
+        bad = bad | (outside > 0)
+    conf = tl.where(bad, float("nan"), conf)
+    tl.store(CONF + row, conf)
+    tl.store(CORRECT + row, idx == y)
+    if STATS:
+        tl.store(ROW_MAX + row, m)
+        tl.store(ROW_SUM + row, tl.where(bad, float("nan"), s))
+
+
+@triton.jit
+def calibration_top_partials_kernel(CONF, CORRECT, TARGET, BETA, PART_COUNTS, PART_SUMS,
+                                    PART_HITS, n_rows, ignore_index, N_BINS: tl.constexpr,
+                                    NB: tl.constexpr, BLOCK_R: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < n_rows
+    c = tl.load(CONF + rows, mask=mask, other=0.0)
+    keep = mask & (tl.load(TARGET + rows, mask=mask, other=ignore_index) != ignore_index)
+    hit = tl.load(CORRECT + rows, mask=mask, other=0).to(tl.int64)
+    b = bin_index(c, BETA, N_BINS)
+    onehot = keep[:, None] & (b[:, None] == tl.arange(0, NB)[None, :])
+    bins = tl.arange(0, NB)
+    out = chunk * N_BINS + bins
+    tl.store(PART_COUNTS + out, tl.sum(onehot.to(tl.int64), 0), mask=bins < N_BINS)
+    tl.store(PART_SUMS + out, tl.sum(tl.where(onehot, c.to(tl.float64)[:, None], 0.0), 0),
+             mask=bins < N_BINS)
+    tl.store(PART_HITS + out, tl.sum(tl.where(onehot, hit[:, None], 0), 0), mask=bins < N_BINS)
+
+
+@triton.jit
+def calibration_classwise_partials_kernel(X, TARGET, ROW_MAX, ROW_SUM, CONF, BETA, PART_COUNTS,
+                                          PART_SUMS, PART_HITS, n_rows, n_classes, ignore_index,
+                                          rows_per_chunk, FROM_LOGITS: tl.constexpr,
+                                          MATH_T: tl.constexpr, N_BINS: tl.constexpr,
+                                          NB: tl.constexpr, BLOCK_R: tl.constexpr,
+                                          BLOCK_K: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = ks < n_classes
+    bins = tl.arange(0, NB)
+    counts = tl.zeros((BLOCK_K, NB), tl.int64)
+    sums = tl.zeros((BLOCK_K, NB), tl.float64)
+    hits = tl.zeros((BLOCK_K, NB), tl.int64)
+    first = chunk * rows_per_chunk
+    for r0 in range(0, rows_per_chunk, BLOCK_R):
+        rows = first + r0 + tl.arange(0, BLOCK_R)
+        rmask = (rows < n_rows) & (r0 + tl.arange(0, BLOCK_R) < rows_per_chunk)
+        y = tl.load(TARGET + rows, mask=rmask, other=ignore_index)
+        keep = rmask & (y != ignore_index)
+        tile = keep[:, None] & kmask[None, :]
+        p = tl.load(X + rows[:, None] * n_classes + ks[None, :], mask=tile, other=0.0).to(MATH_T)
+        if FROM_LOGITS:
+            m = tl.load(ROW_MAX + rows, mask=keep, other=0.0)
+            s = tl.load(ROW_SUM + rows, mask=keep, other=1.0)
+            p = tl.exp(p - m[:, None]) / s[:, None]
+        else:
+            c = tl.load(CONF + rows, mask=keep, other=0.0)
+            p = tl.where((c == c)[:, None], p, float("nan"))  # a poisoned row
+        b = bin_index(p, BETA, N_BINS)
+        onehot = tile[:, :, None] & (b[:, :, None] == bins[None, None, :])
+        counts += tl.sum(onehot.to(tl.int64), 0)
+        sums += tl.sum(tl.where(onehot, p.to(tl.float64)[:, :, None], 0.0), 0)
+        is_y = (y[:, None] == ks[None, :]).to(tl.int64)
+        hits += tl.sum(tl.where(onehot, is_y[:, :, None], 0), 0)
+    out = chunk * n_classes * N_BINS + ks[:, None] * N_BINS + bins[None, :]
+    omask = kmask[:, None] & (bins[None, :] < N_BINS)
+    tl.store(PART_COUNTS + out, counts, mask=omask)
+    tl.store(PART_SUMS + out, sums, mask=omask)
+    tl.store(PART_HITS + out, hits, mask=omask)

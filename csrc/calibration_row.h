@@ -10,6 +10,7 @@ namespace calibkernels {
 // c * n_bins, then a step or two against the true boundaries: identical to a full search.
 template <typename T>
 CK_HD int bin_index(T c, const float* boundaries, int n_bins) {
+  if (!(c == c)) return 0;  // NaN (a poisoned sample): any bin, its sum turns NaN anyway
   int g = static_cast<int>(c * static_cast<T>(n_bins));
   g = g < 0 ? 0 : (g > n_bins - 1 ? n_bins - 1 : g);
   while (g > 0 && !(static_cast<T>(boundaries[g]) < c)) --g;

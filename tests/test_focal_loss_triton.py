@@ -92,5 +92,5 @@ def test_triton_backend_needs_a_device_it_can_run_on(monkeypatch):
     x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         ck.focal_loss(x, t, backend="triton")
-    with pytest.raises(ValueError, match="backend='cuda' needs cuda tensors"):
+    with pytest.raises(ValueError, match="backend=.cuda. needs cuda tensors"):
         ck.focal_loss(x, t, backend="cuda")

@@ -8,7 +8,7 @@ import torch
 import calibkernels as ck
 from helpers import make_logits
 
-OPS = ["calibkernels::focal_loss"]
+OPS = ["calibkernels::focal_loss", "calibkernels::calibration_bins"]
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -8,42 +8,11 @@
 
 #include <climits>
 
+#include "cuda_utils.cuh"
 #include "focal_loss_launch.h"
 
 namespace calibkernels {
 namespace {
-
-template <typename T>
-struct MathType {
-  using type = float;
-};
-template <>
-struct MathType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_math(float v) { return v; }
-__device__ __forceinline__ double to_math(double v) { return v; }
-__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_math(typename MathType<T>::type v);
-template <>
-__device__ __forceinline__ float from_math<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ double from_math<double>(double v) { return v; }
-template <>
-__device__ __forceinline__ __half from_math<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T, int VEC>
-struct alignas(16) Pack {
-  T v[VEC];
-};
 
 constexpr int kItems = 4;           // 16-byte chunks per thread kept in registers
 constexpr int kReduceThreads = 1024;  // the single-block reductions over N

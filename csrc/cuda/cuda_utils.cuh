@@ -1,0 +1,42 @@
+// Device helpers shared by the CUDA kernels: the math type of each dtype, conversions, and a
+// 16-byte pack for vectorized loads and stores.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace calibkernels {
+
+template <typename T>
+struct MathType {
+  using type = float;
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_math(float v) { return v; }
+__device__ __forceinline__ double to_math(double v) { return v; }
+__device__ __forceinline__ float to_math(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_math(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_math(typename MathType<T>::type v);
+template <>
+__device__ __forceinline__ float from_math<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ double from_math<double>(double v) { return v; }
+template <>
+__device__ __forceinline__ __half from_math<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_math<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T, int VEC>
+struct alignas(16) Pack {
+  T v[VEC];
+};
+
+}  // namespace calibkernels

@@ -1,0 +1,74 @@
+"""The Triton calibration kernels against the C++ kernel and the reference. Without a GPU they run
+in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1)."""
+
+import os
+
+import pytest
+import torch
+
+import calibkernels as ck
+from calibkernels import reference
+from calibkernels.calibration import binned_error, classwise_ece_from_state
+from test_calibration import _data
+
+pytestmark = pytest.mark.skipif(
+    ck.ops.calibration_bins_triton is None
+    or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton with a GPU or TRITON_INTERPRET=1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("n,c,n_bins", [(150, 1, 15), (200, 3, 15), (200, 10, 10), (100, 100, 15),
+                                        (64, 1000, 20), (40, 4097, 15)])
+def test_triton_matches_cpp_and_reference(dtype, from_logits, n, c, n_bins):
+    x, t = _data(n, c, dtype=torch.float64, seed=c, ignore=True)
+    inp = (x if from_logits else x.softmax(1)).to(dtype).to(DEVICE)
+    t = t.to(DEVICE)
+    ours = ck.calibration_bins(inp, t, n_bins, from_logits=from_logits, classwise=True,
+                               backend="triton")
+    cpp = ck.calibration_bins(inp.cpu(), t.cpu(), n_bins, from_logits=from_logits, classwise=True)
+    # The same float32 probabilities bin identically; from logits the exp may differ by an ulp.
+    exact = not from_logits
+    for name in ["counts", "hits", "cw_counts", "cw_hits"]:
+        a, b = getattr(ours, name).cpu(), getattr(cpp, name)
+        if exact:
+            assert torch.equal(a, b), name
+        else:
+            assert (a - b).abs().sum() <= 2, name  # at most a sample on a bin edge moves
+    # Metrics from the Triton state, against the eager reference (one kernel call each).
+    for norm in ["l1", "max", "l2"]:
+        torch.testing.assert_close(
+            binned_error(ours.counts, ours.conf_sums, ours.hits, norm).cpu(),
+            reference.calibration_error(inp.cpu(), t.cpu(), n_bins, norm, from_logits),
+            rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        classwise_ece_from_state(ours.cw_counts, ours.cw_conf_sums, ours.cw_hits).cpu(),
+        reference.classwise_ece(inp.cpu(), t.cpu(), n_bins, from_logits), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ck.adaptive_ece(inp, t, n_bins, from_logits, backend="triton").cpu(),
+        reference.adaptive_ece(inp.cpu(), t.cpu(), n_bins, from_logits), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_bin_edges_identical_to_cpp():
+    beta = torch.linspace(0, 1, 16, dtype=torch.float32)
+    probs = torch.zeros(31, 3)
+    probs[:, 0] = torch.cat([beta, beta[1:]])
+    t = torch.zeros(31, dtype=torch.long)
+    ours = ck.calibration_bins(probs.to(DEVICE), t.to(DEVICE), 15, from_logits=False,
+                               backend="triton")
+    cpp = ck.calibration_bins(probs, t, 15, from_logits=False)
+    assert torch.equal(ours.counts.cpu(), cpp.counts)
+
+
+def test_triton_poisons_bad_samples_instead_of_reading_astray():
+    x = torch.rand(6, 4, device=DEVICE)
+    t = torch.tensor([0, 1, 9, 2, 3, 0], device=DEVICE)  # 9 is out of range
+    assert torch.isnan(ck.ece(x, t, backend="triton"))
+    t[2] = 1
+    p = x.softmax(1)
+    p[4, 1] = 1.5  # not a probability
+    assert torch.isnan(ck.ece(p, t, from_logits=False, backend="triton"))
+    assert torch.isfinite(ck.ece(x.softmax(1), t, from_logits=False, backend="triton"))
