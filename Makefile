@@ -11,7 +11,7 @@ MAX_JOBS ?= $(shell nproc)
 .PHONY: demo test bench build clean
 
 demo: $(BUILT)
-	$(PY) -m calibkernels demo
+	$(PY) -m calibkernels demo --json out/demo/results.json
 
 test: $(BUILT)
 	$(PY) -m pytest tests

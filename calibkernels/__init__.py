@@ -6,9 +6,10 @@ from .calibration import (CalibrationMeter, CalibrationState, adaptive_ece, cali
 from .focal_loss import FocalLoss, focal_loss
 from .plotting import reliability_diagram
 from .schedule import NAMED_SCHEDULES, GammaSchedule
+from .temperature import fit_temperature
 
 __all__ = ["CalibrationMeter", "CalibrationState", "FocalLoss", "GammaSchedule",
            "NAMED_SCHEDULES", "adaptive_ece", "calibration_bins", "calibration_error",
-           "classwise_ece", "ece", "focal_loss", "mce", "ops", "reference", "reliability_diagram",
+           "classwise_ece", "ece", "fit_temperature", "focal_loss", "mce", "ops", "reference", "reliability_diagram",
            "reliability_table", "rmsce"]
 __version__ = "0.1.0"
