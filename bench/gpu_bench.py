@@ -123,7 +123,6 @@ def bench_ece(out, copy_gbps, shapes):
             for base in ("eager", "torchmetrics"):
                 if base in results:
                     r[f"speedup_vs_{base}"] = results[base] / r["ms"]
-        del x
         torch.cuda.empty_cache()
     with open(os.path.join(out, "ece.json"), "w") as f:
         json.dump(dict(copy_gbps=copy_gbps, rows=rows), f, indent=1)

@@ -59,4 +59,3 @@ def run(device="cpu", repeats=10):
             f"{k} {v:.2f} ms ({traffic / v / 1e6:.1f} GB/s)" for k, v in ms.items())
             + f"; fused {ms['eager'] / ms['fused']:.1f}x eager, "
               f"{ms['torchmetrics'] / ms['fused']:.1f}x torchmetrics")
-        del x, xd

@@ -27,6 +27,16 @@ def make_logits(n, c, dtype=torch.float32, extra_dims=(), *, seed=0, confident=T
     return x, t
 
 
+def loss_and_grad(fn, x, t, gamma, reduction, **kw):
+    """fn(x, t, gamma, ...) and its gradient in x for a non-trivial grad_output (which exercises
+    the scaling in backward)."""
+    x = x.detach().requires_grad_()
+    loss = fn(x, t, gamma, reduction=reduction, **kw)
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+    (grad,) = torch.autograd.grad(loss, x, go.reshape(loss.shape))
+    return loss.detach(), grad
+
+
 def rel_err(actual, expected):
     """Norm-wise relative error, max |a - e| / max |e| (0 / 0 counts as 0)."""
     actual, expected = actual.detach().double(), expected.detach().double()

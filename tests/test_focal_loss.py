@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import LOW_PRECISION, assert_within_twice_eager, make_logits, rel_err
+from helpers import (LOW_PRECISION, assert_within_twice_eager, loss_and_grad, make_logits,
+                     rel_err)
 
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, "flsd-53", "flsd-532"]
 SHAPES = [(16, 1, ()), (16, 2, ()), (24, 3, ()), (40, 17, ()), (32, 128, ()), (8, 1000, ()),
@@ -27,15 +28,6 @@ def _kwargs(opts, c, dtype, seed=1):
     if opts["ignore_index"] is not None:
         kw["ignore_index"] = opts["ignore_index"]
     return kw
-
-
-def _loss_and_grad(fn, x, t, gamma, reduction, **kw):
-    x = x.detach().requires_grad_()
-    loss = fn(x, t, gamma, reduction=reduction, **kw)
-    # A non-trivial grad_output exercises the scaling in backward.
-    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    (grad,) = torch.autograd.grad(loss, x, go)
-    return loss.detach(), grad
 
 
 def _equal_row_ok(c, gamma):
@@ -56,8 +48,8 @@ def test_matches_reference_float64(gamma, opts, reduction):
         kw = _kwargs(opts, c, torch.float64, seed)
         x, t = make_logits(n, c, torch.float64, extra, seed=seed,
                            ignore_index=opts["ignore_index"], equal_row=_equal_row_ok(c, gamma))
-        loss, grad = _loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
-        ref_loss, ref_grad = _loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
+        loss, grad = loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
+        ref_loss, ref_grad = loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
         assert loss.dtype == torch.float64 and loss.shape == ref_loss.shape
         assert rel_err(loss, ref_loss) <= 1e-10, (n, c, extra)
         if not _has_unstable_reference_grad(c, gamma):
@@ -75,9 +67,9 @@ def test_low_precision_within_twice_eager(dtype, gamma, opts, reduction):
         kw = _kwargs(opts, c, dtype, seed)
         # The truth sees exactly the low-precision inputs, in float64.
         kw64 = dict(kw, weight=kw["weight"].double()) if "weight" in kw else kw
-        truth = _loss_and_grad(reference.focal_loss, x.double(), t, gamma, reduction, **kw64)
-        ours = _loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
-        eager = _loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
+        truth = loss_and_grad(reference.focal_loss, x.double(), t, gamma, reduction, **kw64)
+        ours = loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
+        eager = loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
         assert ours[0].dtype == dtype and ours[1].dtype == dtype
         assert_within_twice_eager(ours[0], eager[0], truth[0], dtype, f"loss {n}x{c}")
         assert_within_twice_eager(ours[1], eager[1], truth[1], dtype, f"grad {n}x{c}")
@@ -117,8 +109,8 @@ def test_gamma_zero_is_cross_entropy(dtype, weight, ignore_index, reduction, lab
     w = torch.rand(c, dtype=dtype) + 0.5 if weight else None
     kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction,
               label_smoothing=label_smoothing)
-    ours = _loss_and_grad(lambda x, t, g, **k: ck.focal_loss(x, t, g, **k), x, t, 0.0, **kw)
-    torch_ = _loss_and_grad(lambda x, t, g, **k: F.cross_entropy(x, t, **k), x, t, 0.0, **kw)
+    ours = loss_and_grad(lambda x, t, g, **k: ck.focal_loss(x, t, g, **k), x, t, 0.0, **kw)
+    torch_ = loss_and_grad(lambda x, t, g, **k: F.cross_entropy(x, t, **k), x, t, 0.0, **kw)
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[0], torch_[0], **tol)
     torch.testing.assert_close(ours[1], torch_[1], **tol)
@@ -235,8 +227,8 @@ def test_non_contiguous_inputs():
     assert not xt.is_contiguous()
     t_strided = torch.stack([t, t], 1)[:, 0]
     assert not t_strided.is_contiguous()
-    ours = _loss_and_grad(ck.focal_loss, xt, t_strided, 2.0, "none")
-    ref = _loss_and_grad(ck.focal_loss, x.detach().contiguous(), t, 2.0, "none")
+    ours = loss_and_grad(ck.focal_loss, xt, t_strided, 2.0, "none")
+    ref = loss_and_grad(ck.focal_loss, x.detach().contiguous(), t, 2.0, "none")
     torch.testing.assert_close(ours[0], ref[0], rtol=0, atol=0)
     torch.testing.assert_close(ours[1], ref[1], rtol=0, atol=0)
 
@@ -256,7 +248,7 @@ def test_deterministic_across_thread_counts():
     try:
         for threads in [1, 2, old]:
             torch.set_num_threads(threads)
-            results.append(_loss_and_grad(ck.focal_loss, x, t, "flsd-53", "mean"))
+            results.append(loss_and_grad(ck.focal_loss, x, t, "flsd-53", "mean"))
     finally:
         torch.set_num_threads(old)
     for loss, grad in results[1:]:
@@ -292,8 +284,8 @@ def test_property_matches_reference(n, c, gamma, reduction, label_smoothing, wei
     kw = dict(label_smoothing=label_smoothing)
     if weighted:
         kw["weight"] = torch.rand(c, dtype=torch.float64) + 0.1
-    loss, grad = _loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
-    ref_loss, ref_grad = _loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
+    loss, grad = loss_and_grad(ck.focal_loss, x, t, gamma, reduction, **kw)
+    ref_loss, ref_grad = loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12, equal_nan=True)
     if not _has_unstable_reference_grad(c, gamma):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12, equal_nan=True)

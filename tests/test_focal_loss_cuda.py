@@ -1,13 +1,14 @@
 """Both GPU backends (CUDA C++ and Triton) against the reference, on a GPU (marked `cuda`)."""
 
 import itertools
+from functools import partial
 
 import pytest
 import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import assert_within_twice_eager, make_logits, rel_err
+from helpers import assert_within_twice_eager, loss_and_grad, make_logits, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -15,14 +16,6 @@ BACKENDS = ["cuda", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CLASSES = [1, 2, 3, 17, 128, 1000, 4097, 32000, 128256, 262144]
 OPTIONS = list(itertools.product([False, True], [None, 2], [0.0, 0.1]))
-
-
-def _run(fn, x, t, gamma, reduction, kw):
-    x = x.detach().requires_grad_()
-    loss = fn(x, t, gamma, reduction=reduction, **kw)
-    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
-    (grad,) = torch.autograd.grad(loss, x, go.reshape(loss.shape))
-    return loss.detach(), grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,16 +35,15 @@ def test_gpu_matches_reference(backend, dtype, weighted, ignore_index, smoothing
         if weighted:
             kw["weight"] = (torch.rand(c, device="cuda") + 0.25).to(dtype)
         kw64 = dict(kw, weight=kw["weight"].double()) if weighted else kw
-        ours = _run(lambda *a, **k: ck.focal_loss(*a, backend=backend, **k), x, t, gamma,
-                    reduction, kw)
-        truth = _run(reference.focal_loss, x.double(), t, gamma, reduction, kw64)
+        ours = loss_and_grad(partial(ck.focal_loss, backend=backend), x, t, gamma, reduction, **kw)
+        truth = loss_and_grad(reference.focal_loss, x.double(), t, gamma, reduction, **kw64)
         assert ours[0].dtype == dtype and ours[1].dtype == dtype
         if dtype == torch.float64:
             assert rel_err(ours[0], truth[0]) <= 1e-10, c
             if not (c == 1 and gamma == 0.5):
                 assert rel_err(ours[1], truth[1]) <= 1e-10, c
             continue
-        eager = _run(reference.focal_loss, x, t, gamma, reduction, kw)
+        eager = loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw)
         assert_within_twice_eager(ours[0], eager[0], truth[0], dtype, f"loss C={c}")
         if not (c == 1 and gamma == 0.5):
             assert_within_twice_eager(ours[1], eager[1], truth[1], dtype, f"grad C={c}")
@@ -77,11 +69,10 @@ def test_gpu_more_than_2_pow_31_elements(backend):
 def test_gpu_deterministic(backend):
     x, t = make_logits(4096, 1000, torch.float32, seed=1)
     x, t = x.detach().cuda().requires_grad_(), t.cuda()
-    first = _run(lambda *a, **k: ck.focal_loss(*a, backend=backend, **k), x, t, "flsd-53",
-                 "mean", {})
+    fused = partial(ck.focal_loss, backend=backend)
+    first = loss_and_grad(fused, x, t, "flsd-53", "mean")
     for _ in range(3):
-        again = _run(lambda *a, **k: ck.focal_loss(*a, backend=backend, **k), x, t, "flsd-53",
-                     "mean", {})
+        again = loss_and_grad(fused, x, t, "flsd-53", "mean")
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 

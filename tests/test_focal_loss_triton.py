@@ -3,13 +3,14 @@ it runs on CPU tensors in Triton's interpreter (tests/conftest.py sets TRITON_IN
 
 import itertools
 import os
+from functools import partial
 
 import pytest
 import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import assert_within_twice_eager, make_logits
+from helpers import assert_within_twice_eager, loss_and_grad, make_logits
 
 pytestmark = pytest.mark.skipif(
     ck.ops.focal_loss_triton is None
@@ -33,14 +34,6 @@ def _case(n, c, dtype, gamma, weighted, ignore_index, smoothing, seed):
     return x.detach().to(DEVICE), t.to(DEVICE), kw
 
 
-def _run(fn, x, t, gamma, reduction, kw):
-    x = x.detach().requires_grad_()
-    loss = fn(x, t, gamma, reduction=reduction, **kw)
-    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
-    (grad,) = torch.autograd.grad(loss, x, go.reshape(loss.shape))
-    return loss.detach(), grad
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("weighted,ignore_index,smoothing", OPTIONS, ids=str)
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0, "flsd-53", "flsd-532"], ids=str)
@@ -51,12 +44,10 @@ def test_triton_matches_reference(dtype, weighted, ignore_index, smoothing, gamm
         kw_low = dict(kw, weight=kw["weight"].to(dtype).to(DEVICE)) if weighted else kw
         kw64 = dict(kw, weight=kw_low["weight"].double()) if weighted else kw
 
-        def triton_fn(*a, **k):
-            return ck.focal_loss(*a, backend="triton", **k)
-
-        ours = _run(triton_fn, x, t, gamma, reduction, kw_low)
-        truth = _run(reference.focal_loss, x.double(), t, gamma, reduction, kw64)
-        eager = _run(reference.focal_loss, x, t, gamma, reduction, kw_low)
+        ours = loss_and_grad(partial(ck.focal_loss, backend="triton"), x, t, gamma, reduction,
+                             **kw_low)
+        truth = loss_and_grad(reference.focal_loss, x.double(), t, gamma, reduction, **kw64)
+        eager = loss_and_grad(reference.focal_loss, x, t, gamma, reduction, **kw_low)
         assert ours[0].dtype == dtype and ours[1].dtype == dtype
         assert_within_twice_eager(ours[0], eager[0], truth[0], dtype, f"loss C={c}")
         if not (c == 1 and gamma == 0.5):  # the eager reference's gradient is NaN there
@@ -71,8 +62,8 @@ def test_triton_extreme_logits_stay_finite():
     t = torch.randint(0, 50, (8,), generator=g).to(DEVICE)
     t[:2] = x[:2].argmax(1)
     for gamma in [0.0, 0.5, 1.0, 2.0, 3.0, 5.0]:
-        loss, grad = _run(lambda *a, **k: ck.focal_loss(*a, backend="triton", **k), x, t, gamma,
-                          "mean", dict(label_smoothing=0.1))
+        loss, grad = loss_and_grad(partial(ck.focal_loss, backend="triton"), x, t, gamma, "mean",
+                                   label_smoothing=0.1)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
 

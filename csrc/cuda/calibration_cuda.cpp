@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "cuda_ops.h"
 #include "calibration_launch.h"
 
 namespace calibkernels {
@@ -13,16 +14,6 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                            at::Tensor, at::Tensor>;
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kDouble: return DType::Float64;
-    default: TORCH_CHECK_VALUE(false, "calibration: unsupported dtype ", t);
-  }
-}
 
 Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
                               const at::Tensor& boundaries, bool from_logits,
@@ -70,8 +61,7 @@ Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
   p.ignore_index = ignore_index;
   p.from_logits = from_logits;
   p.classwise = classwise;
-  p.vectorized = (C * x.element_size()) % 16 == 0 &&
-                 reinterpret_cast<uintptr_t>(x.const_data_ptr()) % 16 == 0;
+  p.vectorized = rows_aligned16(x);
   p.confidence = confidence.mutable_data_ptr();
   p.correct = correct.mutable_data_ptr<bool>();
   p.row_max = stats ? row_max.mutable_data_ptr() : nullptr;

@@ -231,13 +231,8 @@ cudaError_t launch_typed(const CalibrationLaunch& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_calibration(const CalibrationLaunch& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::Float32: return launch_typed<float>(p, stream);
-    case DType::Float16: return launch_typed<__half>(p, stream);
-    case DType::BFloat16: return launch_typed<__nv_bfloat16>(p, stream);
-    case DType::Float64: return launch_typed<double>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype,
+                        [&](auto tag) { return launch_typed<decltype(tag)>(p, stream); });
 }
 
 }  // namespace calibkernels

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "focal_loss_launch.h"  // DType
+#include "dtype.h"
 
 namespace calibkernels {
 

@@ -4,6 +4,9 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include "dtype.h"
 
 namespace calibkernels {
 
@@ -38,5 +41,17 @@ template <typename T, int VEC>
 struct alignas(16) Pack {
   T v[VEC];
 };
+
+// Calls launch(T{}) with T the storage type of dtype: one switch for every launcher.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& launch) {
+  switch (dtype) {
+    case DType::Float32: return launch(float{});
+    case DType::Float16: return launch(__half{});
+    case DType::BFloat16: return launch(__nv_bfloat16{});
+    case DType::Float64: return launch(double{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace calibkernels

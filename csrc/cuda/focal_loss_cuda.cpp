@@ -6,22 +6,11 @@
 #include <torch/library.h>
 
 #include "../ops.h"
+#include "cuda_ops.h"
 #include "focal_loss_launch.h"
 
 namespace calibkernels {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::Float32;
-    case at::kHalf: return DType::Float16;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kDouble: return DType::Float64;
-    default: TORCH_CHECK_VALUE(false, "focal_loss: unsupported logits dtype ", t);
-  }
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 std::tuple<at::Tensor, at::Tensor> focal_loss_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -54,8 +43,7 @@ std::tuple<at::Tensor, at::Tensor> focal_loss_cuda(
   p.reduction = red == Reduction::None   ? ReductionKind::None
                 : red == Reduction::Mean ? ReductionKind::Mean
                                          : ReductionKind::Sum;
-  p.vectorized = (C * x.element_size()) % 16 == 0 && aligned16(x.const_data_ptr()) &&
-                 (!compute_grad || aligned16(grad.const_data_ptr()));
+  p.vectorized = rows_aligned16(x) && (!compute_grad || rows_aligned16(grad));
   p.loss_rows = loss_rows.mutable_data_ptr();
   p.loss = loss.mutable_data_ptr();
   p.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;

@@ -7,10 +7,10 @@
 #include <cstdint>
 
 #include "../focal_loss_row.h"
+#include "dtype.h"
 
 namespace calibkernels {
 
-enum class DType : int { Float32, Float16, BFloat16, Float64 };
 enum class ReductionKind : int { None, Mean, Sum };
 
 struct FocalLossLaunch {
