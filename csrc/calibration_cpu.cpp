@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "calibration_row.h"
+#include "cpu_exp.h"
 #include "ops.h"
 
 namespace calibkernels {
@@ -71,7 +72,7 @@ void calibration_cpu_kernel(const at::Tensor& input, const int64_t* target, cons
       acc_t c = m;
       if (from_logits) {
         const acc_t s = at::vec::map_reduce_all<acc_t>(
-            [m](const Vec& v) { return (v - Vec(m)).exp(); },
+            [m](const Vec& v) { return vexp(v - Vec(m)); },
             [](const Vec& u, const Vec& v) { return u + v; }, row, C);
         c = acc_t(1) / s;  // the top probability, exp(m - m) / s
         if (!row_sum.empty()) {
@@ -109,7 +110,7 @@ void calibration_cpu_kernel(const at::Tensor& input, const int64_t* target, cons
       for (int64_t k = k0; k < k1; ++k) p[k - k0] = static_cast<acc_t>(x[i * C + k]);
       if (from_logits) {
         const acc_t m = row_max[i], inv_s = acc_t(1) / row_sum[i];
-        at::vec::map([m, inv_s](const Vec& v) { return (v - Vec(m)).exp() * Vec(inv_s); },
+        at::vec::map([m, inv_s](const Vec& v) { return vexp(v - Vec(m)) * Vec(inv_s); },
                      p.data(), p.data(), k1 - k0);
       }
       for (int64_t k = k0; k < k1; ++k) {

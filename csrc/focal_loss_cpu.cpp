@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_exp.h"
 #include "ops.h"
 
 namespace calibkernels {
@@ -42,7 +43,7 @@ std::pair<acc_t, acc_t> exp_sum_split(const acc_t* x, acc_t m, acc_t* out, int64
   int64_t k = 0;
   for (; k + 2 * V <= C; k += 2 * V) {
     const Vec x0 = Vec::loadu(x + k), x1 = Vec::loadu(x + k + V);
-    const Vec e0 = (x0 - vm).exp(), e1 = (x1 - vm).exp();
+    const Vec e0 = vexp(x0 - vm), e1 = vexp(x1 - vm);
     if (out) {
       e0.store(out + k);
       e1.store(out + k + V);
@@ -54,7 +55,7 @@ std::pair<acc_t, acc_t> exp_sum_split(const acc_t* x, acc_t m, acc_t* out, int64
   for (; k < C; k += V) {
     const int64_t n = std::min<int64_t>(V, C - k);
     const Vec x0 = Vec::loadu(x + k, n);
-    const Vec e0 = (x0 - vm).exp();
+    const Vec e0 = vexp(x0 - vm);
     if (out) e0.store(out + k, n);
     rest0 = Vec::set(rest0, rest0 + (e0 & (x0 < vm)), n);
     n_max = Vec::set(n_max, n_max + (one & (x0 == vm)), n);
