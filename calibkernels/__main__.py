@@ -28,7 +28,7 @@ def main(argv=None):
 
     bench = sub.add_parser("bench", help="time focal loss and ECE at the contract's shapes")
     bench.add_argument("--device", default=default_device)
-    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--repeats", type=int, default=20, help="alternating rounds (default 20)")
 
     args = parser.parse_args(argv)
     if args.command == "demo":

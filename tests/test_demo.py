@@ -38,5 +38,5 @@ def test_bench_command_prints_ratios(capsys, monkeypatch):
     monkeypatch.setattr(bench, "CPU_SHAPES", [(256, 100)])
     main(["bench", "--device", "cpu", "--repeats", "2"])
     printed = capsys.readouterr().out
-    assert "focal loss fwd+bwd 256x100" in printed and "x compile" in printed
-    assert "ECE 256x100" in printed and "x torchmetrics" in printed
+    assert "focal loss fwd+bwd 256x100" in printed and "x vs compile" in printed
+    assert "ECE 256x100" in printed and "x vs torchmetrics" in printed
