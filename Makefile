@@ -21,9 +21,9 @@ bench: $(BUILT)
 
 build: $(BUILT)
 
-$(DEPS): requirements.txt
+$(DEPS): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
 	touch $@
 
 $(BUILT): $(DEPS) $(SOURCES)
