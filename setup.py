@@ -14,7 +14,8 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Real GPUs to build for (SASS), plus PTX of the newest so that later GPUs JIT it. Explicit, because
 # torch's own arch detection needs a GPU and this must build without one.
-CUDA_ARCHS = ["80", "90"]
+# CALIBKERNELS_CUDA_ARCHS="90" builds one target (faster, e.g. on the GPU machine itself).
+CUDA_ARCHS = os.environ.get("CALIBKERNELS_CUDA_ARCHS", "80 90").split()
 
 
 def find_cuda_home():
@@ -85,27 +86,48 @@ def cpu_capability():
     return "DEFAULT"
 
 
+def shared_libstdcxx():
+    """The shared libstdc++ (the one torch uses), named by its full path. On the GPU image the
+    extension came out with a private static copy (ldd listed no libstdc++, and std:: internals
+    sat inside _C.so), which mixed with the process's copy and crashed as soon as an error message
+    formatted a number; g++ links libstdc++.a when it finds no libstdc++.so. Named first, the
+    shared library resolves every std:: symbol."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        path = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.so.6"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [path] if os.path.isabs(path) and os.path.exists(path) else []
+
+
+# -fopenmp: at::parallel_for is a header template that is serial without it.
+LINK = ["-fopenmp"] + shared_libstdcxx()
+
+
 def extensions():
-    # -fopenmp: at::parallel_for is a header template that is serial without it.
-    cxx = ["-O3", "-std=c++20", "-fopenmp"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
+    # No -std: torch.utils.cpp_extension passes the standard its own headers need (C++17 up to
+    # torch 2.12, C++20 after).
+    cxx = ["-O3", "-fopenmp"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
     sources = sorted(glob.glob("csrc/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     if not (BUILD_CUDA and cuda_sources):
         return [CppExtension("calibkernels._C", sources, include_dirs=include_dirs,
-                             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                             extra_compile_args={"cxx": cxx}, extra_link_args=LINK)]
     # pip's CUDA wheels carry headers (cusparse.h, cublas_v2.h) that some toolkits lack.
     for site in sys.path:
         wheel_include = os.path.join(site, "nvidia", "cu13", "include")
         if os.path.isdir(wheel_include):
             include_dirs.append(wheel_include)
             break
-    nvcc = ["-O3", "-std=c++20", "-lineinfo"]
+    nvcc = ["-O3", "-lineinfo"]
     nvcc += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
     nvcc += [f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]
     return [CUDAExtension("calibkernels._C", sources + cuda_sources, include_dirs=include_dirs,
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                          extra_link_args=["-fopenmp"])]
+                          extra_link_args=LINK)]
 
 
 setup(

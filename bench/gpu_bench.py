@@ -1,6 +1,6 @@
 """GPU benchmark of focal loss forward + backward at the CONTRACT §5 GPU shapes.
 
-    python bench/gpu_bench.py --out DIR [--quick]
+    python bench/gpu_bench.py --out DIR [--parts focal ece] [--shapes 8192x32000 ...] [--impls cuda ...]
 
 Times (median of triton.testing.do_bench, inputs rotated past the L2 cache) the fused CUDA C++
 and Triton kernels, the eager reference and torch.compile of it at gamma = 3; at gamma = 0 also
@@ -58,6 +58,7 @@ def implementations(gamma):
         if liger is not None:
             impls["liger"] = liger
     else:
+        torch._dynamo.reset()  # one fresh compile per shape: no recompile limit, no stale cache
         impls["eager"] = reference.focal_loss
         impls["compile"] = torch.compile(reference.focal_loss, dynamic=False)
     return impls
@@ -91,7 +92,7 @@ def bench_one(fn, n, c, dtype, gamma):
 
 def bench_ece(out, copy_gbps, shapes):
     """Top-label ECE (15 bins) from logits: both fused backends against the eager reference and
-    torchmetrics; minimal traffic N·C·bytes + 8·N."""
+    torchmetrics; minimal traffic N·C·bytes + 8·N. Tables are rewritten after every shape."""
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     impls = {
@@ -123,9 +124,15 @@ def bench_ece(out, copy_gbps, shapes):
             for base in ("eager", "torchmetrics"):
                 if base in results:
                     r[f"speedup_vs_{base}"] = results[base] / r["ms"]
+        del x, t
         torch.cuda.empty_cache()
+        write_ece(out, copy_gbps, rows)
+    return rows
+
+
+def write_ece(out, copy_gbps, rows):
     with open(os.path.join(out, "ece.json"), "w") as f:
-        json.dump(dict(copy_gbps=copy_gbps, rows=rows), f, indent=1)
+        json.dump(dict(meta=metadata(copy_gbps), rows=rows), f, indent=1)
     with open(os.path.join(out, "ece.md"), "w") as f:
         f.write(f"# ECE (15 bins, from logits) on {torch.cuda.get_device_name()}\n\n"
                 f"Copy bandwidth of this run: {copy_gbps:.0f} GB/s; GB/s count N·C·bytes + 8·N."
@@ -136,19 +143,44 @@ def bench_ece(out, copy_gbps, shapes):
                   ("speedup_vs_eager", "speedup_vs_torchmetrics")]
             f.write(f"| {r['n']} × {r['c']} | {r['dtype']} | {r['impl']} | {r['ms']:.3f} | "
                     f"{r['gbps']:.0f} | {r['pct_copy']:.0f} | " + " | ".join(sp) + " |\n")
-    return rows
 
 
-def run(out, quick=False):
-    os.makedirs(out, exist_ok=True)
-    copy_gbps = copy_bandwidth()
-    shapes = GPU_SHAPES[:3] if quick else GPU_SHAPES
+def metadata(copy_gbps):
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                date=datetime.date.today().isoformat(), python=platform.python_version(),
+                copy_gbps=copy_gbps, note="median ms (triton.testing.do_bench)")
+
+
+def write_focal(out, copy_gbps, rows):
+    meta = metadata(copy_gbps)
+    with open(os.path.join(out, "focal_loss.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(os.path.join(out, "focal_loss.md"), "w") as f:
+        f.write(f"# Focal loss forward + backward on {meta['gpu']}\n\n"
+                f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+                f"{meta['date']}. Copy bandwidth of this run: {copy_gbps:.0f} GB/s. GB/s count the "
+                f"minimal traffic 2·N·C·bytes + 8·N.\n\n"
+                "| N × C | dtype | γ | impl | ms | GB/s | % copy | vs eager | vs compile | "
+                "vs F.ce | vs liger | extra peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            sp = [f"{r[k]:.2f}×" if k in r else "" for k in
+                  ("speedup_vs_eager", "speedup_vs_compile", "speedup_vs_F.cross_entropy",
+                   "speedup_vs_liger")]
+            f.write(f"| {r['n']} × {r['c']} | {r['dtype']} | {r['gamma']:g} | {r['impl']} | "
+                    f"{r['ms']:.3f} | {r['gbps']:.0f} | {r['pct_copy']:.0f} | " + " | ".join(sp)
+                    + f" | {r['extra_peak_bytes'] / 2**20:.1f} |\n")
+
+
+def bench_focal(out, copy_gbps, shapes, impl_names=None):
     rows = []
     for (n, c), (dname, dtype), gamma in [(s, d, g) for s in shapes for d in DTYPES.items()
                                           for g in (3.0, 0.0)]:
         minimal = 2 * n * c * torch.finfo(dtype).bits // 8 + 8 * n
         results = {}
         for name, fn in implementations(gamma).items():
+            if impl_names and name not in impl_names:
+                continue
             try:
                 ms, extra = bench_one(fn, n, c, dtype, gamma)
             except torch.OutOfMemoryError:
@@ -167,32 +199,28 @@ def run(out, quick=False):
             for base in ("eager", "compile", "F.cross_entropy", "liger"):
                 if base in results:
                     r[f"speedup_vs_{base}"] = results[base] / r["ms"]
-    bench_ece(out, copy_gbps, shapes)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, cuda=torch.version.cuda,
-                date=datetime.date.today().isoformat(), python=platform.python_version(),
-                copy_gbps=copy_gbps, note="forward + backward, median ms (do_bench)")
-    with open(os.path.join(out, "focal_loss.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(os.path.join(out, "focal_loss.md"), "w") as f:
-        f.write(f"# Focal loss forward + backward on {meta['gpu']}\n\n"
-                f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-                f"{meta['date']}. Copy bandwidth of this run: {copy_gbps:.0f} GB/s. GB/s count the "
-                f"minimal traffic 2·N·C·bytes + 8·N.\n\n"
-                "| N × C | dtype | γ | impl | ms | GB/s | % copy | vs eager | vs compile | "
-                "vs F.ce | vs liger | extra peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            sp = [f"{r[k]:.2f}×" if k in r else "" for k in
-                  ("speedup_vs_eager", "speedup_vs_compile", "speedup_vs_F.cross_entropy",
-                   "speedup_vs_liger")]
-            f.write(f"| {r['n']} × {r['c']} | {r['dtype']} | {r['gamma']:g} | {r['impl']} | "
-                    f"{r['ms']:.3f} | {r['gbps']:.0f} | {r['pct_copy']:.0f} | " + " | ".join(sp)
-                    + f" | {r['extra_peak_bytes'] / 2**20:.1f} |\n")
+        write_focal(out, copy_gbps, rows)
     return rows
+
+
+def run(out, parts=("focal", "ece"), shapes=GPU_SHAPES, impl_names=None):
+    os.makedirs(out, exist_ok=True)
+    copy_gbps = copy_bandwidth()
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    if "ece" in parts:  # the quick part first
+        bench_ece(out, copy_gbps, shapes)
+    if "focal" in parts:
+        bench_focal(out, copy_gbps, shapes, impl_names)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for focal_loss.json and .md")
-    parser.add_argument("--quick", action="store_true", help="only the three smallest shapes")
-    run(parser.parse_args().out, parser.parse_args().quick)
+    parser.add_argument("--out", required=True, help="folder for the .json and .md tables")
+    parser.add_argument("--parts", nargs="+", default=["focal", "ece"], choices=["focal", "ece"])
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="NxC shapes (default: the CONTRACT §5 GPU shapes)")
+    parser.add_argument("--impls", nargs="+", default=None, help="only these implementations")
+    args = parser.parse_args()
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes
+              else GPU_SHAPES)
+    run(args.out, args.parts, shapes, args.impls)

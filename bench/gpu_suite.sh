@@ -1,38 +1,62 @@
 #!/usr/bin/env bash
-# The GPU suite, one command on a bare GPU machine: build the extension, run every test (the
-# `cuda`-marked ones included), compute-sanitizer memcheck on small cases, then the benchmarks.
-#   bash bench/gpu_suite.sh OUT_DIR        (e.g. "$OUT" on the device machine)
+# The GPU suite on a bare GPU machine: build the extension, run every test (the `cuda`-marked ones
+# included), compute-sanitizer memcheck on small cases, then the benchmarks.
+#   bash bench/gpu_suite.sh OUT_DIR [STAGE ...]     STAGE: build tests memcheck bench (default: all)
+# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S) so that one call
+# ends inside the device tool's 10 minutes with its results written. Logs go to OUT_DIR/logs.tar.gz
+# (the device tool returns at most 8 files); summary.txt and the benchmark tables stay beside it.
 # Copy OUT_DIR to bench/results/<date>-<gpu>/ and commit it.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_suite.sh OUT_DIR}
-mkdir -p "$out"
+out=$(realpath -m "${1:?usage: bash bench/gpu_suite.sh OUT_DIR [build tests memcheck bench]}")
+shift
+stages=${*:-build tests memcheck bench}
+mkdir -p "$out/logs"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 status=0
+has() { [[ " $stages " == *" $1 "* ]]; }
+stage() { echo "== $1 ($(date +%T))" | tee -a "$out/summary.txt"; }
 
-# Wheels the image lacks (liger-kernel) may travel in bench/wheels/.
-if ls bench/wheels/*.whl >/dev/null 2>&1; then
-  $PY -m pip install --no-deps --no-index bench/wheels/*.whl >"$out/wheels.log" 2>&1 || status=1
+# Wheels the image lacks (liger-kernel, expecttest) may travel in .whl/ (git-ignored, carried).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    >"$out/logs/wheels.log" 2>&1 || status=1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-echo "== build" | tee "$out/summary.txt"
-if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"; echo "build failed" | tee -a "$out/summary.txt"; exit 1
+if has build; then
+  stage build
+  nvidia-smi >"$out/logs/nvidia-smi.txt" 2>&1
+  if ! timeout "${BUILD_S:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
+      >"$out/logs/build.log" 2>&1; then
+    tail -40 "$out/logs/build.log"; echo "build failed" | tee -a "$out/summary.txt"; status=1
+    stages=""
+  fi
 fi
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 
-echo "== tests" | tee -a "$out/summary.txt"
-$PY -m pytest tests -q -p no:cacheprovider -rfEs --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1 \
-  || status=1
-tail -3 "$out/tests.log" | tee -a "$out/summary.txt"
+if has tests; then
+  stage tests
+  timeout "${TESTS_S:-300}" $PY -m pytest tests -q -p no:cacheprovider -rfEs -n "${TEST_WORKERS:-8}" \
+    --durations=10 --junitxml="$out/logs/tests.xml" >"$out/logs/tests.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$out/logs/tests.log" | head -40 | tee -a "$out/summary.txt"
+  tail -1 "$out/logs/tests.log" | tee -a "$out/summary.txt"
+fi
 
-echo "== compute-sanitizer memcheck" | tee -a "$out/summary.txt"
-compute-sanitizer --tool memcheck --error-exitcode 3 $PY bench/memcheck_case.py \
-  >"$out/memcheck.log" 2>&1 || status=1
-tail -3 "$out/memcheck.log" | tee -a "$out/summary.txt"
+if has memcheck; then
+  stage memcheck
+  timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $PY bench/memcheck_case.py >"$out/logs/memcheck.log" 2>&1 || status=1
+  tail -3 "$out/logs/memcheck.log" | tee -a "$out/summary.txt"
+fi
 
-echo "== benchmarks" | tee -a "$out/summary.txt"
-$PY bench/gpu_bench.py --out "$out" >"$out/bench.log" 2>&1 || status=1
-tail -5 "$out/bench.log" | tee -a "$out/summary.txt"
+if has bench; then
+  stage bench
+  timeout "${BENCH_S:-420}" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
+    >"$out/logs/bench.log" 2>&1 || status=1
+  tail -5 "$out/logs/bench.log" | tee -a "$out/summary.txt"
+fi
+
+echo "== done ($(date +%T)), status $status" | tee -a "$out/summary.txt"
+tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs"
 exit $status

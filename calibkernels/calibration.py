@@ -63,21 +63,21 @@ def calibration_bins(input, target, n_bins=15, *, from_logits=True, ignore_index
                      classwise=False, backend="auto"):
     """The binned state of one batch, from the fused kernel (reads the logits once)."""
     _check(input, target, n_bins, from_logits)
-    op = _op(backend, input.device)
+    op = _op(backend, input)
     out = op(input, target, bin_boundaries(n_bins, input.device), from_logits, int(ignore_index),
              classwise, False)
     return CalibrationState(out[0], out[1], out[2], *(out[3:6] if classwise else (None,) * 3))
 
 
-def _op(backend, device):
+def _op(backend, x):
     from .focal_loss import resolve_backend
 
     if backend not in ("auto", "cpu", "cuda", "triton"):
         raise ValueError(f"calibration: backend must be 'auto', 'cpu', 'cuda' or 'triton', "
                          f"got {backend!r}")
-    backend = resolve_backend(backend, device, "calibration")
+    backend = resolve_backend(backend, x.device, "calibration", x.shape[-1] * x.element_size())
     if backend == "torch":
-        raise ValueError(f"calibration: no fused kernel for {device} tensors")
+        raise ValueError(f"calibration: no fused kernel for {x.device} tensors")
     return ops.calibration_bins_triton if backend == "triton" else ops.calibration_bins
 
 
@@ -139,7 +139,7 @@ def classwise_ece(logits_or_probs, target, n_bins=15, from_logits=True, ignore_i
 def per_sample(logits_or_probs, target, *, from_logits=True, ignore_index=-100, backend="auto"):
     """(confidence, correct) of every non-ignored sample, from the fused kernel."""
     _check(logits_or_probs, target, 1, from_logits)
-    out = _op(backend, logits_or_probs.device)(
+    out = _op(backend, logits_or_probs)(
         logits_or_probs, target, bin_boundaries(1, logits_or_probs.device), from_logits,
         int(ignore_index), False, True)
     keep = target != ignore_index
@@ -222,7 +222,7 @@ class CalibrationMeter:
         _check(logits_or_probs, target, self.n_bins, self.from_logits)
         if self._synced:
             raise RuntimeError("CalibrationMeter: update() after sync(); reset() first")
-        out = _op(self.backend, logits_or_probs.device)(
+        out = _op(self.backend, logits_or_probs)(
             logits_or_probs, target, bin_boundaries(self.n_bins, logits_or_probs.device),
             self.from_logits, int(self.ignore_index), self.classwise, self.adaptive)
         s = CalibrationState(out[0], out[1], out[2],

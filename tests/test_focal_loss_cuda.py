@@ -116,3 +116,20 @@ def test_gpu_compile_training_step_fullgraph(backend):
     torch.testing.assert_close(loss, eager)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_large_backward_skips_the_scale_only_for_one(backend):
+    # >= 128 MiB of gradient: loss.backward() returns the stored gradient (after one sync), any
+    # other grad_output still scales it.
+    n, c = 1024, 32768
+    x = torch.randn(n, c, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    t = torch.randint(0, c, (n,), device="cuda")
+    assert x.numel() * x.element_size() >= ck.ops.SKIP_SYNC_FROM_BYTES
+    x1, x3 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ck.focal_loss(x1, t, 2.0, backend=backend).backward()
+    (ck.focal_loss(x3, t, 2.0, backend=backend) * 3).backward()
+    torch.testing.assert_close(x3.grad, 3 * x1.grad)
+    ref = x[:8].double().requires_grad_()
+    (reference.focal_loss(ref, t[:8], 2.0, reduction="sum") / n).backward()
+    assert rel_err(x1.grad[:8], ref.grad) < 1e-5

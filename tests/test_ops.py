@@ -24,6 +24,20 @@ def test_every_op_has_a_cuda_kernel(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
 
 
+@pytest.mark.parametrize("what,row_bytes,expected", [
+    ("focal_loss", 1000 * 2, "cuda"), ("focal_loss", 1000 * 4, "triton"),
+    ("focal_loss", 32000 * 2, "triton"), ("calibration", 32000 * 4, "cuda"),
+    ("calibration", 128256 * 2, "triton")])
+def test_auto_backend_follows_the_measured_table(what, row_bytes, expected):
+    from calibkernels.focal_loss import resolve_backend
+
+    if ck.ops.triton is None:
+        expected = "cuda"
+    assert resolve_backend("auto", torch.device("cuda"), what, row_bytes) == expected
+    assert resolve_backend("auto", torch.device("cpu"), what, row_bytes) == "cpu"
+    assert resolve_backend("auto", torch.device("meta"), what, row_bytes) == "torch"
+
+
 def test_triton_op_is_registered():
     assert ck.ops.focal_loss_triton is not None
     assert torch.ops.calibkernels.focal_loss_triton.default is not None
