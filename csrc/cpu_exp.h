@@ -9,9 +9,37 @@
 
 #include <type_traits>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 namespace calibkernels {
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The same arithmetic in AVX-512, with scalef for the 2^n step: 13 instructions instead of 18.
+// Identical results for x <= 88 (the kernels pass x - max <= 0).
+inline __m512 exp_fast512(__m512 x) {
+  // max_ps returns its second operand when one is NaN: NaN stays NaN, -inf becomes the floor.
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
 inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return exp_fast512(x);
+#else
   using Vec = at::vec::Vectorized<float>;
   using IVec = at::vec::Vectorized<int32_t>;
   const Vec xc = at::vec::clamp(x, Vec(-87.33654f), Vec(88.37626f));
@@ -27,6 +55,7 @@ inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) 
   p = at::vec::fmadd(p * r, r, r) + Vec(1.0f);
   const IVec bits = (at::vec::convert_to_int_of_same_size(n) + IVec(127)) << IVec(23);
   return p * at::vec::cast<float>(bits);
+#endif
 }
 
 // exp_fast for float vectors, Sleef's exp for double.

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -65,6 +66,64 @@ std::pair<acc_t, acc_t> exp_sum_split(const acc_t* x, acc_t m, acc_t* out, int64
           at::vec::vec_reduce_all<acc_t>(sum, rest0 + rest1)};
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// The float row loop in AVX-512 mask registers: compare + masked add where at::vec needs compare,
+// and, add; the tail uses masked loads and stores instead of a partial copy.
+inline std::pair<float, float> exp_sum_split(const float* x, float m, float* out, int64_t C) {
+  const __m512 vm = _mm512_set1_ps(m), one = _mm512_set1_ps(1.0f);
+  __m512 rest0 = _mm512_setzero_ps(), rest1 = rest0, n_max0 = rest0, n_max1 = rest0;
+  int64_t k = 0;
+  for (; k + 32 <= C; k += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+    const __m512 e0 = exp_fast512(_mm512_sub_ps(x0, vm)), e1 = exp_fast512(_mm512_sub_ps(x1, vm));
+    if (out) {
+      _mm512_storeu_ps(out + k, e0);
+      _mm512_storeu_ps(out + k + 16, e1);
+    }
+    rest0 = _mm512_mask_add_ps(rest0, _mm512_cmp_ps_mask(x0, vm, _CMP_LT_OQ), rest0, e0);
+    rest1 = _mm512_mask_add_ps(rest1, _mm512_cmp_ps_mask(x1, vm, _CMP_LT_OQ), rest1, e1);
+    n_max0 = _mm512_mask_add_ps(n_max0, _mm512_cmp_ps_mask(x0, vm, _CMP_EQ_OQ), n_max0, one);
+    n_max1 = _mm512_mask_add_ps(n_max1, _mm512_cmp_ps_mask(x1, vm, _CMP_EQ_OQ), n_max1, one);
+  }
+  for (; k < C; k += 16) {
+    const __mmask16 live = C - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - k)) - 1u);
+    const __m512 x0 = _mm512_maskz_loadu_ps(live, x + k);
+    const __m512 e0 = exp_fast512(_mm512_sub_ps(x0, vm));
+    if (out) _mm512_mask_storeu_ps(out + k, live, e0);
+    rest0 = _mm512_mask_add_ps(rest0, live & _mm512_cmp_ps_mask(x0, vm, _CMP_LT_OQ), rest0, e0);
+    n_max0 = _mm512_mask_add_ps(n_max0, live & _mm512_cmp_ps_mask(x0, vm, _CMP_EQ_OQ), n_max0,
+                                one);
+  }
+  return {_mm512_reduce_add_ps(_mm512_add_ps(n_max0, n_max1)),
+          _mm512_reduce_add_ps(_mm512_add_ps(rest0, rest1))};
+}
+
+// Four independent max chains: one chain waits on the max latency for every vector. A NaN
+// may be dropped here, but it makes the exp sum, and so the loss, NaN all the same.
+inline float row_max(const float* x, int64_t C) {
+  __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  int64_t k = 0;
+  for (; k + 64 <= C; k += 64) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + k));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + k + 16));
+    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(x + k + 32));
+    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(x + k + 48));
+  }
+  for (; k < C; k += 16) {
+    const __mmask16 live = C - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - k)) - 1u);
+    m0 = _mm512_mask_max_ps(m0, live, m0, _mm512_maskz_loadu_ps(live, x + k));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+}
+#endif
+
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t C) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::reduce_all<acc_t>([](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); },
+                                    x, C);
+}
+
 template <typename scalar_t>
 void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -103,14 +162,14 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
         else out = g;
       }
 
-      const acc_t m = at::vec::reduce_all<acc_t>(
-          [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); }, x, C);
+      const acc_t m = row_max(x, C);
       // out holds exp(x - m) from here on
       const auto [n_max, rest] = exp_sum_split(x, m, out, C);
       const acc_t s = n_max + rest, log_s = log_sum_exp_shifted(n_max, rest);
       const acc_t lp_y = (x[y] - m) - log_s;
-      const acc_t gamma = select_gamma(a.schedule, std::exp(lp_y));
-      const FocalTerms<acc_t> ty = focal_terms(lp_y, gamma);
+      const acc_t p_y = std::exp(lp_y);
+      const acc_t gamma = select_gamma(a.schedule, p_y);
+      const FocalTerms<acc_t> ty = focal_terms(lp_y, p_y, gamma);
       const acc_t w_y = w ? w[y] : acc_t(1);
       // a_y = (1 - eps) w_y + b w_y: the one-hot part here, the smoothing part in the sums below.
       const acc_t a1_y = (acc_t(1) - eps) * w_y;

@@ -204,8 +204,9 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
 
     // The true class: its gamma (from p_y, no gradient through the choice) and focal terms.
     const A lp_y = live ? (to_math(row[y]) - m) - log_s : A(0);
-    const A gamma = select_gamma(p.schedule, ck_exp(lp_y));
-    const FocalTerms<A> ty = focal_terms(lp_y, gamma);
+    const A p_y = ck_exp(lp_y);
+    const A gamma = select_gamma(p.schedule, p_y);
+    const FocalTerms<A> ty = focal_terms(lp_y, p_y, gamma);
     const A w_y = live && w ? w[y] : A(1);
     const A a1_y = (A(1) - eps) * w_y;  // the one-hot part of a_y; smoothing adds b w_y
     A loss = a1_y * ty.f;
