@@ -6,8 +6,10 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -124,6 +126,117 @@ acc_t row_max(const acc_t* x, int64_t C) {
                                     x, C);
 }
 
+// The per-row epilogue of focal_loss_row.h without label smoothing, for Vec::size() rows at once
+// (lanes are rows): from each row's max m, split exp sum (n_max, rest), x_y and w_y, the loss
+// -w_y f(p_y), the factor c with d loss / d x_j = c exp(x_j - m) for j != y, and d loss / d x_y.
+// Lane by lane the same formulas as the scalar helpers, so a row's result never depends on
+// which rows share its batch.
+template <typename acc_t>
+struct RowStats {
+  static constexpr int B = at::vec::Vectorized<acc_t>::size();
+  acc_t m[B], n_max[B], rest[B], x_y[B], w_y[B];  // inputs
+  acc_t loss[B], c[B], grad_y[B];                  // outputs
+};
+
+// log1p(e), e in [0, 1/2], as log(u) e / (u - 1) with u = 1 + e (Goldberg): a few ulp from one
+// vector log; Sleef's vector log1p and expm1 cost several times an exp.
+template <typename Vec>
+Vec log1p_small(const Vec& e) {
+  const Vec u = Vec(1) + e, d = u - Vec(1);
+  return Vec::blendv(u.log() * (e / d), e, d == Vec(0));
+}
+
+// expm1(x), x in [-ln 2, 0], as (u - 1) x / log(u) with u = exp(x) (Kahan): likewise.
+template <typename Vec>
+Vec expm1_small(const Vec& x, const Vec& u) {
+  const Vec d = u - Vec(1);
+  return Vec::blendv(d * (x / u.log()), x, d == Vec(0));
+}
+
+template <typename acc_t>
+void unsmoothed_epilogue(RowStats<acc_t>& r, const GammaSchedule& sched, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec one(acc_t(1)), zero(acc_t(0));
+  const Vec n_max = Vec::loadu(r.n_max), rest = Vec::loadu(r.rest);
+  const Vec excess = (n_max - one) + rest;  // log_sum_exp_shifted
+  const Vec log_s = Vec::blendv((one + excess).log(), log1p_small(excess), excess < Vec(acc_t(0.5)));
+  const Vec lp = (Vec::loadu(r.x_y) - Vec::loadu(r.m)) - log_s;
+  const Vec p = lp.exp();
+  Vec gamma(static_cast<acc_t>(sched.fallback));  // select_gamma: the first j with p < t_j
+  for (int j = sched.n - 1; j >= 0; --j) {
+    gamma = Vec::blendv(gamma, Vec(static_cast<acc_t>(sched.gammas[j])),
+                        p < Vec(static_cast<acc_t>(sched.thresholds[j])));
+  }
+  const Vec q = Vec::blendv(zero - expm1_small(lp, p), one - p, lp < Vec(acc_t(-0.6931471805599453)));
+  Vec qg = one;  // pow_gamma: products for integer gamma <= 8, pow for the rest
+  for (int j = 1; j <= 8; ++j) qg = Vec::blendv(qg, qg * q, Vec(acc_t(j)) <= gamma);
+  const Vec integral = (gamma == gamma.round()) & (gamma <= Vec(acc_t(8)));
+  if (integral.zero_mask() != 0) qg = Vec::blendv(q.pow(gamma), qg, integral);
+  const Vec ratio = Vec::blendv(Vec(acc_t(-1)), lp / q, q > zero);
+  const Vec p_ratio = Vec::blendv(zero, p * ratio, p > zero);
+  const Vec w_y = Vec::loadu(r.w_y);
+  const Vec aG_y = w_y * (qg * (one - gamma * p_ratio));
+  (zero - w_y * (qg * lp)).store(r.loss);
+  (aG_y * Vec(scale) / (n_max + rest)).store(r.c);
+  ((zero - q * aG_y) * Vec(scale)).store(r.grad_y);
+}
+
+// Rows [begin, end) without label smoothing: each batch of rows is read for its max and exp sum
+// (exp(x - m) kept in the gradient rows), one vector epilogue runs, then the rows are scaled.
+template <typename scalar_t>
+void unsmoothed_rows(const FocalLossCpuArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  constexpr int B = RowStats<acc_t>::B;
+  const int64_t C = a.n_classes;
+  // Small rows are batched for the vector epilogue; a batch (<= 8 KiB) stays in L1 between visits.
+  const int64_t batch = std::clamp<int64_t>(2048 / C, 1, B);
+  std::vector<acc_t> row_buf(kReduced ? batch * C : 0), grad_buf(kReduced && a.grad ? batch * C : 0);
+  RowStats<acc_t> r;
+  for (int64_t i0 = begin; i0 < end; i0 += batch) {
+    const int64_t rows = std::min(batch, end - i0);
+    for (int l = 0; l < B; ++l) {  // idle lanes compute on harmless values
+      r.m[l] = r.x_y[l] = r.rest[l] = r.w_y[l] = acc_t(0);
+      r.n_max[l] = acc_t(1);
+    }
+    for (int64_t l = 0; l < rows; ++l) {
+      const int64_t i = i0 + l, y = a.target[i];
+      if (y == a.ignore_index) continue;
+      const acc_t* x;
+      if constexpr (kReduced) {
+        at::vec::convert(a.logits + i * C, row_buf.data() + l * C, C);
+        x = row_buf.data() + l * C;
+      } else {
+        x = a.logits + i * C;
+      }
+      acc_t* out = !a.grad ? nullptr : kReduced ? grad_buf.data() + l * C
+                                                : reinterpret_cast<acc_t*>(a.grad + i * C);
+      r.m[l] = row_max(x, C);
+      std::tie(r.n_max[l], r.rest[l]) = exp_sum_split(x, r.m[l], out, C);
+      r.x_y[l] = x[y];
+      r.w_y[l] = a.weight ? a.weight[y] : acc_t(1);
+    }
+    unsmoothed_epilogue(r, a.schedule, a.grad_scale);
+    for (int64_t l = 0; l < rows; ++l) {
+      const int64_t i = i0 + l, y = a.target[i];
+      scalar_t* g = a.grad ? a.grad + i * C : nullptr;
+      if (y == a.ignore_index) {
+        a.loss_rows[i] = acc_t(0);
+        if (g) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * C);
+        continue;
+      }
+      a.loss_rows[i] = r.loss[l];
+      if (!g) continue;
+      acc_t* out = kReduced ? grad_buf.data() + l * C : reinterpret_cast<acc_t*>(g);
+      using Vec = at::vec::Vectorized<acc_t>;
+      const acc_t c = r.c[l];
+      at::vec::map([c](const Vec& e) { return e * Vec(c); }, out, out, C);
+      out[y] = r.grad_y[l];
+      if constexpr (kReduced) at::vec::convert(out, g, C);
+    }
+  }
+}
+
 template <typename scalar_t>
 void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -137,7 +250,8 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
 
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
   at::parallel_for(0, a.n_rows, grain, [&](int64_t begin, int64_t end) {
-    // Reduced-precision rows are widened once into row_buf; the gradient is built in grad_buf.
+    if (eps == acc_t(0)) return unsmoothed_rows(a, begin, end);
+    // With label smoothing, row by row. Reduced-precision rows are widened once into row_buf; the gradient is built in grad_buf.
     std::vector<acc_t> row_buf(kReduced ? C : 0);
     std::vector<acc_t> grad_buf(kReduced && a.grad ? C : 0);
     std::vector<acc_t> aG;  // a_k G_k, only for smoothing with gamma > 0
@@ -177,7 +291,7 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
       acc_t loss = a1_y * ty.f;
       acc_t S_other = 0;     // sum over k != y of a_k G_k
       acc_t aG_y = a1_y * ty.G;
-      if (eps > acc_t(0) && gamma == acc_t(0)) {
+      if (gamma == acc_t(0)) {
         // G = 1 and f = log p: the smoothing terms are sums of log-probabilities and weights.
         const acc_t sum_wlp =
             w ? at::vec::map2_reduce_all<acc_t>(
@@ -205,7 +319,7 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
                 out, out, C);
           }
         }
-      } else if (eps > acc_t(0)) {
+      } else {
         // Every class carries target mass and its own (1 - p_k)^gamma: the per-class math.
         // A serial sum of C terms: accumulate in double, or float loses ~C ulps.
         aG.resize(C);
@@ -228,10 +342,6 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
               },
               out, out, aG.data(), C);
         }
-      } else if (out) {
-        // No smoothing: d loss / d x_j = a_y G(p_y) (p_j - [j == y]).
-        const acc_t c = aG_y * scale / s;
-        at::vec::map([c](const Vec& e) { return e * Vec(c); }, out, out, C);
       }
       a.loss_rows[i] = -loss;
       if (out) {
