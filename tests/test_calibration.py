@@ -46,6 +46,14 @@ def test_matches_reference_float64(n, c, n_bins, from_logits, ignore):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_low_precision_inputs_match_reference_on_the_same_values(dtype):
     x, t = _data(2000, 10, dtype=dtype, seed=1)
+    # Softmax in float32 may differ from torch's by an ulp or two (another exp; an FMA or not,
+    # by SIMD level), which decides the bin of a confidence within those ulps of an edge: keep
+    # the rows whose top-label and per-class probabilities are clear of every edge.
+    p = x.float().softmax(1)
+    edges = torch.linspace(0, 1, 16)
+    clear = ((p[..., None] - edges).abs() > 1e-6).all(-1).all(-1)
+    x, t = x[clear], t[clear]
+    assert len(t) > 1900
     for norm in ["l1", "max", "l2"]:
         torch.testing.assert_close(ck.calibration_error(x, t, norm=norm),
                                    reference.calibration_error(x, t, norm=norm),
