@@ -34,23 +34,11 @@ def _focal_loss_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # else autograd fills an N x C zero tensor for grad's grad
 
 
-# loss.backward() passes grad_output = 1; then the stored gradient is the answer and the N x C
-# scaling pass (2·N·C·bytes of traffic) can be skipped. Reading the scalar is free on the CPU; on
-# CUDA it is one device sync, worth it only for large gradients (Liger-Kernel makes the same trade).
-SKIP_SYNC_FROM_BYTES = 2**27
-
-
-def _is_eager_one(t: torch.Tensor, grad: torch.Tensor) -> bool:
-    # Traced (fake/functional) tensors are skipped: compiled graphs always scale.
-    if type(t) is not torch.Tensor or t.numel() != 1:
-        return False
-    if t.device.type == "cuda":
-        if grad.numel() * grad.element_size() < SKIP_SYNC_FROM_BYTES \
-                or torch.cuda.is_current_stream_capturing():
-            return False
-    elif t.device.type != "cpu":
-        return False
-    return t.item() == 1.0
+def _is_eager_cpu_one(t: torch.Tensor) -> bool:
+    # loss.backward() passes grad_output = 1: then the stored gradient is the answer and the
+    # N x C scaling pass can be skipped. Reading the scalar is free on the CPU; on CUDA it would be
+    # a host sync, which CONTRACT §1 rules out. Traced (fake/functional) tensors are skipped.
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.numel() == 1 and t.item() == 1.0
 
 
 def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
@@ -61,8 +49,8 @@ def _focal_loss_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 10
-    if _is_eager_one(grad_loss, grad):
-        return (grad,) + (None,) * 9  # loss.backward(): no pass over N x C at all
+    if _is_eager_cpu_one(grad_loss):
+        return (grad,) + (None,) * 9  # loss.backward() on the CPU: no pass over N x C at all
     scale = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
     grad_logits = (grad * scale).to(grad.dtype)
     return grad_logits, None, None, None, None, None, None, None, None, None
