@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU suite on a bare GPU machine: build the extension, run every test (the `cuda`-marked ones
 # included), compute-sanitizer memcheck on small cases, then the benchmarks.
-#   bash bench/gpu_suite.sh OUT_DIR [STAGE ...]     STAGE: build tests memcheck bench (default: all)
-# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S) so that one call
+#   bash bench/gpu_suite.sh OUT_DIR [STAGE ...]
+# STAGE: build tests memcheck bench (the default: all four) and profile (Nsight Compute sections
+# of the kernels in bench/profile_case.py, to logs/ncu.txt and a digest in summary.txt).
+# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, PROFILE_S) so that one call
 # ends inside the device tool's 10 minutes with its results written. Logs go to OUT_DIR/logs.tar.gz
 # (the device tool returns at most 8 files); summary.txt and the benchmark tables stay beside it.
 # Copy OUT_DIR to bench/results/<date>-<gpu>/ and commit it.
@@ -55,6 +57,17 @@ if has bench; then
   timeout "${BENCH_S:-420}" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
     >"$out/logs/bench.log" 2>&1 || status=1
   tail -5 "$out/logs/bench.log" | tee -a "$out/summary.txt"
+fi
+
+if has profile; then
+  stage profile
+  # --clock-control none: measure the card as found (never change its clocks).
+  timeout "${PROFILE_S:-300}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section MemoryWorkloadAnalysis \
+    --kernel-name regex:'focal_loss|calibration|elementwise|vectorized' --launch-count 60 \
+    $PY bench/profile_case.py >"$out/logs/ncu.txt" 2>&1 || status=1
+  grep -E "^  [A-Za-z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread" \
+    "$out/logs/ncu.txt" | cut -c1-140 >>"$out/summary.txt"
 fi
 
 echo "== done ($(date +%T)), status $status" | tee -a "$out/summary.txt"
