@@ -51,8 +51,8 @@ std::pair<acc_t, acc_t> exp_sum_split(const acc_t* x, acc_t m, acc_t* out, int64
       e0.store(out + k);
       e1.store(out + k + V);
     }
-    rest0 = rest0 + (e0 & (x0 < vm));
-    rest1 = rest1 + (e1 & (x1 < vm));
+    rest0 = rest0 + (e0 & (x0 != vm));  // != is true for NaN: a NaN logit makes the row NaN
+    rest1 = rest1 + (e1 & (x1 != vm));
     n_max = n_max + (one & (x0 == vm)) + (one & (x1 == vm));
   }
   for (; k < C; k += V) {
@@ -60,7 +60,7 @@ std::pair<acc_t, acc_t> exp_sum_split(const acc_t* x, acc_t m, acc_t* out, int64
     const Vec x0 = Vec::loadu(x + k, n);
     const Vec e0 = vexp(x0 - vm);
     if (out) e0.store(out + k, n);
-    rest0 = Vec::set(rest0, rest0 + (e0 & (x0 < vm)), n);
+    rest0 = Vec::set(rest0, rest0 + (e0 & (x0 != vm)), n);
     n_max = Vec::set(n_max, n_max + (one & (x0 == vm)), n);
   }
   const auto sum = [](const Vec& u, const Vec& v) { return u + v; };
@@ -69,11 +69,13 @@ std::pair<acc_t, acc_t> exp_sum_split(const acc_t* x, acc_t m, acc_t* out, int64
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The float row loop in AVX-512 mask registers: compare + masked add where at::vec needs compare,
-// and, add; the tail uses masked loads and stores instead of a partial copy.
+// The float row loop in AVX-512 mask registers: a masked add where at::vec needs compare, and,
+// add; the lanes equal to m are counted by popcount on the integer units, off the busy FP pipes.
+// NEQ_UQ is true for NaN: a NaN logit lands in the sum and makes the row NaN, as in torch.
 inline std::pair<float, float> exp_sum_split(const float* x, float m, float* out, int64_t C) {
-  const __m512 vm = _mm512_set1_ps(m), one = _mm512_set1_ps(1.0f);
-  __m512 rest0 = _mm512_setzero_ps(), rest1 = rest0, n_max0 = rest0, n_max1 = rest0;
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 rest0 = _mm512_setzero_ps(), rest1 = rest0;
+  int64_t n_rest = 0;
   int64_t k = 0;
   for (; k + 32 <= C; k += 32) {
     const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
@@ -82,22 +84,22 @@ inline std::pair<float, float> exp_sum_split(const float* x, float m, float* out
       _mm512_storeu_ps(out + k, e0);
       _mm512_storeu_ps(out + k + 16, e1);
     }
-    rest0 = _mm512_mask_add_ps(rest0, _mm512_cmp_ps_mask(x0, vm, _CMP_LT_OQ), rest0, e0);
-    rest1 = _mm512_mask_add_ps(rest1, _mm512_cmp_ps_mask(x1, vm, _CMP_LT_OQ), rest1, e1);
-    n_max0 = _mm512_mask_add_ps(n_max0, _mm512_cmp_ps_mask(x0, vm, _CMP_EQ_OQ), n_max0, one);
-    n_max1 = _mm512_mask_add_ps(n_max1, _mm512_cmp_ps_mask(x1, vm, _CMP_EQ_OQ), n_max1, one);
+    const __mmask16 r0 = _mm512_cmp_ps_mask(x0, vm, _CMP_NEQ_UQ);
+    const __mmask16 r1 = _mm512_cmp_ps_mask(x1, vm, _CMP_NEQ_UQ);
+    rest0 = _mm512_mask_add_ps(rest0, r0, rest0, e0);
+    rest1 = _mm512_mask_add_ps(rest1, r1, rest1, e1);
+    n_rest += _mm_popcnt_u32(_cvtmask16_u32(r0)) + _mm_popcnt_u32(_cvtmask16_u32(r1));
   }
   for (; k < C; k += 16) {
     const __mmask16 live = C - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - k)) - 1u);
     const __m512 x0 = _mm512_maskz_loadu_ps(live, x + k);
     const __m512 e0 = exp_fast512(_mm512_sub_ps(x0, vm));
     if (out) _mm512_mask_storeu_ps(out + k, live, e0);
-    rest0 = _mm512_mask_add_ps(rest0, live & _mm512_cmp_ps_mask(x0, vm, _CMP_LT_OQ), rest0, e0);
-    n_max0 = _mm512_mask_add_ps(n_max0, live & _mm512_cmp_ps_mask(x0, vm, _CMP_EQ_OQ), n_max0,
-                                one);
+    const __mmask16 r0 = live & _mm512_cmp_ps_mask(x0, vm, _CMP_NEQ_UQ);
+    rest0 = _mm512_mask_add_ps(rest0, r0, rest0, e0);
+    n_rest += _mm_popcnt_u32(_cvtmask16_u32(r0));
   }
-  return {_mm512_reduce_add_ps(_mm512_add_ps(n_max0, n_max1)),
-          _mm512_reduce_add_ps(_mm512_add_ps(rest0, rest1))};
+  return {static_cast<float>(C - n_rest), _mm512_reduce_add_ps(_mm512_add_ps(rest0, rest1))};
 }
 
 // Four independent max chains: one chain waits on the max latency for every vector. A NaN

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import (LOW_PRECISION, assert_within_twice_eager, loss_and_grad, make_logits,
-                     rel_err)
+from helpers import (LOW_PRECISION, assert_nan_logits_like_torch, assert_within_twice_eager,
+                     loss_and_grad, make_logits, rel_err)
 
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 3.0, 5.0, "flsd-53", "flsd-532"]
 SHAPES = [(16, 1, ()), (16, 2, ()), (24, 3, ()), (40, 17, ()), (32, 128, ()), (8, 1000, ()),
@@ -219,6 +219,16 @@ def test_all_ignored_mean_is_nan_like_torch():
     assert ck.focal_loss(x, t, 3.0, reduction="sum").item() == 0.0
     (grad,) = torch.autograd.grad(ck.focal_loss(x, t, 3.0, reduction="sum"), x)
     assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("c", [2, 5, 33, 1000, 4097])
+@pytest.mark.parametrize("gamma,label_smoothing", [(0.0, 0.0), (3.0, 0.0), (0.0, 0.1), (3.0, 0.1),
+                                                   ("flsd-53", 0.0)], ids=str)
+def test_nan_logit_makes_its_row_nan_like_torch(dtype, c, gamma, label_smoothing):
+    assert_nan_logits_like_torch(
+        lambda x, t, **kw: ck.focal_loss(x, t, gamma, label_smoothing=label_smoothing, **kw),
+        c, dtype)
 
 
 def test_non_contiguous_inputs():

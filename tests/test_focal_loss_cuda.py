@@ -8,7 +8,8 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import assert_within_twice_eager, loss_and_grad, make_logits, rel_err
+from helpers import (assert_nan_logits_like_torch, assert_within_twice_eager, loss_and_grad,
+                     make_logits, rel_err)
 
 pytestmark = pytest.mark.cuda
 
@@ -130,3 +131,14 @@ def test_gpu_backward_scales_by_grad_output(backend):
     ref = x[:8].double().requires_grad_()
     (reference.focal_loss(ref, t[:8], 2.0, reduction="sum") / n).backward()
     assert rel_err(x1.grad[:8], ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c", [2, 33, 4097, 128256])
+@pytest.mark.parametrize("gamma,label_smoothing", [(0.0, 0.0), (3.0, 0.0), (3.0, 0.1)], ids=str)
+def test_gpu_nan_logit_makes_its_row_nan_like_torch(backend, dtype, c, gamma, label_smoothing):
+    assert_nan_logits_like_torch(
+        lambda x, t, **kw: ck.focal_loss(x, t, gamma, label_smoothing=label_smoothing,
+                                         backend=backend, **kw),
+        c, dtype, "cuda")

@@ -10,7 +10,8 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import assert_within_twice_eager, loss_and_grad, make_logits
+from helpers import (assert_nan_logits_like_torch, assert_within_twice_eager, loss_and_grad,
+                     make_logits)
 
 pytestmark = pytest.mark.skipif(
     ck.ops.focal_loss_triton is None
@@ -85,3 +86,12 @@ def test_triton_backend_needs_a_device_it_can_run_on(monkeypatch):
         ck.focal_loss(x, t, backend="triton")
     with pytest.raises(ValueError, match="backend=.cuda. needs cuda tensors"):
         ck.focal_loss(x, t, backend="cuda")
+
+
+@pytest.mark.parametrize("c", [2, 33, 4097])
+@pytest.mark.parametrize("gamma,label_smoothing", [(0.0, 0.0), (3.0, 0.0), (3.0, 0.1)], ids=str)
+def test_triton_nan_logit_makes_its_row_nan_like_torch(c, gamma, label_smoothing):
+    assert_nan_logits_like_torch(
+        lambda x, t, **kw: ck.focal_loss(x, t, gamma, label_smoothing=label_smoothing,
+                                         backend="triton", **kw),
+        c, torch.float32, DEVICE)
