@@ -13,6 +13,7 @@
 
 #include "calibration_row.h"
 #include "cpu_exp.h"
+#include "cpu_parallel.h"
 #include "ops.h"
 
 namespace calibkernels {
@@ -55,8 +56,7 @@ void calibration_cpu_kernel(const at::Tensor& input, const int64_t* target, cons
   std::vector<acc_t> row_sum(classwise && from_logits ? N : 0);
 
   // Pass 1, rows in parallel: confidence, prediction (lowest index on ties, as torch.argmax).
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(N, C, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(kReduced ? C : 0);
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* row;

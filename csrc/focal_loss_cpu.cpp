@@ -1,5 +1,5 @@
 // Fused focal loss on the CPU: one pass over each row computes the loss and, when asked, the
-// gradient. Rows run in parallel (at::parallel_for); the dense loops use at::vec.
+// gradient. Rows run in parallel (parallel_rows); the dense loops use at::vec.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu_exp.h"
+#include "cpu_parallel.h"
 #include "ops.h"
 
 namespace calibkernels {
@@ -250,8 +251,7 @@ void focal_loss_cpu_kernel(const FocalLossCpuArgs<scalar_t>& a) {
   const acc_t scale = a.grad_scale;
   const acc_t* w = a.weight;
 
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-  at::parallel_for(0, a.n_rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(a.n_rows, C, [&](int64_t begin, int64_t end) {
     if (eps == acc_t(0)) return unsmoothed_rows(a, begin, end);
     // With label smoothing, row by row. Reduced-precision rows are widened once into row_buf; the gradient is built in grad_buf.
     std::vector<acc_t> row_buf(kReduced ? C : 0);

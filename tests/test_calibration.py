@@ -124,7 +124,7 @@ def test_deterministic_over_reruns_and_thread_counts():
     old = torch.get_num_threads()
     results = []
     try:
-        for threads in [1, 2, old] + [old] * 8:
+        for threads in [1, 2, 3, 4, old] + [old] * 8:  # more threads than cores: stealing
             torch.set_num_threads(threads)
             s = ck.calibration_bins(x, t, 15, classwise=True)
             results.append([s.counts, s.conf_sums, s.hits, s.cw_counts, s.cw_conf_sums,

@@ -251,14 +251,19 @@ def test_unbatched_input_like_cross_entropy():
                                    F.cross_entropy(x, t, reduction=reduction))
 
 
-def test_deterministic_across_thread_counts():
-    x, t = make_logits(512, 300, torch.float32, seed=4)
+@pytest.mark.parametrize("shape", [(512, 300), (4096, 100)], ids=str)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_deterministic_across_thread_counts(shape, label_smoothing):
+    # Rows go to threads dynamically (csrc/cpu_parallel.h); more threads than cores make the
+    # threads steal each other's chunks in a different order on every run.
+    x, t = make_logits(*shape, torch.float32, seed=4)
     results = []
     old = torch.get_num_threads()
     try:
-        for threads in [1, 2, old]:
+        for threads in [1, 2, 3, 4, old, 3, 4]:
             torch.set_num_threads(threads)
-            results.append(loss_and_grad(ck.focal_loss, x, t, "flsd-53", "mean"))
+            results.append(loss_and_grad(ck.focal_loss, x, t, "flsd-53", "mean",
+                                         label_smoothing=label_smoothing))
     finally:
         torch.set_num_threads(old)
     for loss, grad in results[1:]:
