@@ -1,7 +1,6 @@
 // Fused focal loss on the CPU: one pass over each row computes the loss and, when asked, the
 // gradient. Rows run in parallel (parallel_rows); the dense loops use at::vec.
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
