@@ -109,7 +109,9 @@ LINK = ["-fopenmp"] + shared_libstdcxx()
 def extensions():
     # No -std: torch.utils.cpp_extension passes the standard its own headers need (C++17 up to
     # torch 2.12, C++20 after).
-    cxx = ["-O3", "-fopenmp"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
+    # -ffp-contract=off: the same scalar expression rounds the same wherever it is inlined, so a
+    # gradient written in the forward is bit for bit the one the backward would recompute.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + CPU_CAPABILITY_FLAGS[cpu_capability()]
     sources = sorted(glob.glob("csrc/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))

@@ -1,5 +1,5 @@
-"""Where the CPU focal loss's time goes at one shape: the op with and without the gradient, a
-same-size copy, and what first-touching a fresh buffer costs on this machine (page faults).
+"""Where the CPU focal loss's time goes at one shape: the forward with and without the gradient,
+the gradient phase a backward with grad_output != 1 runs, a same-size copy, and what first-touching a fresh buffer costs on this machine (page faults).
 
     .venv/bin/python bench/cpu_focal_loss_parts.py [--n 8192] [--c 1000] [--repeats 200]
 
@@ -26,7 +26,11 @@ def main():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.n, args.c, generator=g) * 2
     t = torch.randint(0, args.c, (args.n,), generator=g)
-    op = torch.ops.calibkernels.focal_loss
+    op = torch.ops.calibkernels.focal_loss_forward
+    backward = torch.ops.calibkernels.focal_loss_backward
+    gamma = torch.tensor([3.0], dtype=torch.float64)
+    _, _, stats = op(x, t, None, gamma, -100, 0.0, "mean", True)
+    go = torch.tensor(2.0)
     out = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
 
@@ -36,8 +40,10 @@ def main():
         m.close()
 
     groups = [{  # the kernel against a copy, then (apart: it evicts caches) the page-fault cost
-        "op with gradient": lambda: op(x, t, None, [], [], 3.0, -100, 0.0, "mean", True),
-        "op, loss only": lambda: op(x, t, None, [], [], 3.0, -100, 0.0, "mean", False),
+        "forward with gradient": lambda: op(x, t, None, gamma, -100, 0.0, "mean", True),
+        "forward, loss only": lambda: op(x, t, None, gamma, -100, 0.0, "mean", False),
+        "gradient phase (grad_output != 1)":
+            lambda: backward(go, x, t, None, gamma, stats, -100, 0.0, "mean"),
         "copy into an existing tensor": lambda: out.copy_(x),
     }, {
         "first touch of a fresh buffer (1 thread)": first_touch,

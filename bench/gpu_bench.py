@@ -49,8 +49,8 @@ def liger_cross_entropy():
 
 def implementations(gamma):
     impls = {
-        "cuda": lambda x, t, g: ck.focal_loss(x, t, g, backend="cuda"),
-        "triton": lambda x, t, g: ck.focal_loss(x, t, g, backend="triton"),
+        "cuda": lambda x, t, g: ck.focal_loss(x, t, gamma=g, backend="cuda"),
+        "triton": lambda x, t, g: ck.focal_loss(x, t, gamma=g, backend="triton"),
     }
     if gamma == 0.0:
         impls["F.cross_entropy"] = lambda x, t, g: F.cross_entropy(x, t)
@@ -59,8 +59,9 @@ def implementations(gamma):
             impls["liger"] = liger
     else:
         torch._dynamo.reset()  # one fresh compile per shape: no recompile limit, no stale cache
-        impls["eager"] = reference.focal_loss
-        impls["compile"] = torch.compile(reference.focal_loss, dynamic=False)
+        compiled = torch.compile(reference.focal_loss, dynamic=False)
+        impls["eager"] = lambda x, t, g: reference.focal_loss(x, t, gamma=g)
+        impls["compile"] = lambda x, t, g: compiled(x, t, gamma=g)
     return impls
 
 

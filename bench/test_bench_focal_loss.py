@@ -42,7 +42,7 @@ def test_focal_loss_forward_backward(benchmark, shape, impl):
     fn = IMPLS[impl]
 
     def step():
-        return torch.autograd.grad(fn(x, t, 3.0), x)
+        return torch.autograd.grad(fn(x, t, gamma=3.0), x)
 
     step()  # warm-up (and compilation, for torch.compile)
     benchmark(step)

@@ -58,9 +58,9 @@ def run(device="cpu", repeats=10):
         g = torch.Generator(device=device).manual_seed(0)
         x = (torch.randn(n, c, device=device, generator=g) * 2).to(dtype).requires_grad_()
         t = torch.randint(0, c, (n,), device=device, generator=g)
-        focal = {"fused": lambda: torch.autograd.grad(focal_loss(x, t, 3.0), x),
-                 "eager": lambda: torch.autograd.grad(reference.focal_loss(x, t, 3.0), x),
-                 "compile": lambda: torch.autograd.grad(compiled(x, t, 3.0), x)}
+        focal = {"fused": lambda: torch.autograd.grad(focal_loss(x, t, gamma=3.0), x),
+                 "eager": lambda: torch.autograd.grad(reference.focal_loss(x, t, gamma=3.0), x),
+                 "compile": lambda: torch.autograd.grad(compiled(x, t, gamma=3.0), x)}
         traffic = 2 * x.numel() * x.element_size() + 8 * n
         print(f"focal loss fwd+bwd {n}x{c}: " + compare(focal, repeats, device, traffic))
         xd = x.detach()

@@ -59,7 +59,7 @@ def train(model, loss_fn, train_xy, eval_xy, *, epochs=300, batch_size=64, lr=1e
         model.eval()
         with torch.no_grad():
             logits = model(eval_xy[0])
-            nll = focal_loss(logits, eval_xy[1], 0.0)  # the fused op at gamma = 0 is the NLL
+            nll = focal_loss(logits, eval_xy[1], gamma=0.0)  # the fused op at gamma = 0 is the NLL
             acc = (logits.argmax(1) == eval_xy[1]).float().mean()
         yield epoch, (total / len(y)).item(), nll.item(), acc.item()
 

@@ -1,4 +1,5 @@
-"""Softmax focal loss (Mukhoti et al., NeurIPS 2020): the functional form and the nn.Module."""
+"""Softmax focal loss (Mukhoti et al., NeurIPS 2020): the functional form and the nn.Module, with
+F.cross_entropy's signature (CONTRACT §1) plus the keyword-only ``gamma`` and ``backend``."""
 
 import os
 
@@ -7,10 +8,10 @@ from torch import nn
 from torch.nn import _reduction
 
 from . import ops, reference
-from .schedule import as_schedule
+from .schedule import as_schedule, gamma_table
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-
+REDUCTIONS = ("none", "mean", "sum")
 
 # backend="auto" on CUDA follows bench/results/2026-11-23-h100 (H100, median ms): the Triton
 # kernels win once a row is long, the CUDA C++ ones below. Focal loss fwd+bwd from 4000 bytes a row
@@ -27,13 +28,15 @@ def resolve_backend(backend: str, device: torch.device, what: str = "focal_loss"
     if backend == "auto":
         if device.type == "cuda":
             long_rows = row_bytes >= TRITON_FROM_ROW_BYTES[what]
-            return "triton" if long_rows and ops.triton is not None else "cuda"
+            return "triton" if long_rows and ops.triton_available() else "cuda"
         return device.type if device.type == "cpu" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"{what}: backend={backend!r} needs {backend} tensors, "
                          f"got them on {device}")
     if backend == "triton":
-        if ops.triton is None:
+        if not ops.triton_available():
             raise ValueError(f"{what}: backend='triton' needs triton, which is not installed")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"{what}: backend='triton' needs CUDA tensors (or "
@@ -41,94 +44,89 @@ def resolve_backend(backend: str, device: torch.device, what: str = "focal_loss"
     return backend
 
 
-def _check_inputs(logits, target, weight, reduction, label_smoothing, backend):
-    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ValueError("focal_loss: logits and target must be tensors")
-    if not logits.is_floating_point():
-        raise ValueError(f"focal_loss: logits must be float32, float16, bfloat16 or float64, "
-                         f"got {logits.dtype}")
-    if target.is_floating_point():
-        raise ValueError(f"focal_loss: target must hold int64 class indices, got {target.dtype} "
-                         f"(class-probability targets are not supported)")
-    if target.dtype != torch.int64:
-        raise ValueError(f"focal_loss: target must hold int64 class indices, got {target.dtype}")
-    if logits.dim() == 0:
-        raise ValueError("focal_loss: logits must have a class dimension")
-    batched = logits.dim() >= 2
-    expected = (logits.shape[0],) + tuple(logits.shape[2:]) if batched else ()
+def _as_rows(input, target, prob_target):
+    """(N, C, d1, ..., dk) or (C,) input and its target as 2-D rows (N·d1···dk, C) and (N·...) /
+    (N·..., C), and the shape of a per-sample loss."""
+    if input.dim() == 0:
+        raise ValueError("focal_loss: input must have a class dimension")
+    batched = input.dim() >= 2
+    c = input.shape[1] if batched else input.shape[0]
+    sample_shape = (input.shape[0],) + tuple(input.shape[2:]) if batched else ()
+    expected = tuple(input.shape) if prob_target else sample_shape
     if tuple(target.shape) != expected:
-        raise ValueError(f"focal_loss: target must have shape {expected} for logits of shape "
-                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
-    n_classes = logits.shape[1] if batched else logits.shape[0]
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise ValueError("focal_loss: weight must be a floating tensor of shape (C,)")
-        if tuple(weight.shape) != (n_classes,):
-            raise ValueError(f"focal_loss: weight must have shape ({n_classes},), "
-                             f"got {tuple(weight.shape)}")
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError("focal_loss: no gradient flows to weight; pass weight.detach()")
-    if reduction not in reference.REDUCTIONS:
-        raise ValueError(f"focal_loss: reduction must be one of {reference.REDUCTIONS}, "
-                         f"got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"focal_loss: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if backend not in BACKENDS:
-        raise ValueError(f"focal_loss: backend must be one of {BACKENDS}, got {backend!r}")
+        kind = "class probabilities" if prob_target else "class indices"
+        raise ValueError(f"focal_loss: target ({kind}) must have shape {expected} for input of "
+                         f"shape {tuple(input.shape)}, got {tuple(target.shape)}")
+    if not batched:
+        return input.unsqueeze(0), target.unsqueeze(0), sample_shape
+    rows = input.movedim(1, -1).reshape(-1, c)
+    target = target.movedim(1, -1).reshape(-1, c) if prob_target else target.reshape(-1)
+    return rows, target, sample_shape
 
 
-def focal_loss(logits, target, gamma=3.0, *, weight=None, ignore_index=-100, reduction="mean",
-               label_smoothing=0.0, backend="auto"):
-    """Softmax focal loss, a drop-in for ``F.cross_entropy`` (gamma=0 gives exactly that).
+def focal_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+               reduction="mean", label_smoothing=0.0, *, gamma=3.0, backend="auto"):
+    """Softmax focal loss, a drop-in for ``F.cross_entropy`` (``gamma=0`` gives exactly that).
 
-    loss_i = -sum_k t_k w_k (1 - p_k)^gamma_i log p_k, with p = softmax(logits_i) and t the
-    (label-smoothed) one-hot target. ``gamma`` is a float >= 0, "flsd-53", "flsd-532" or a
-    GammaSchedule. ``logits`` is (N, C) or (N, C, d1, ..., dk); ``target`` holds int64 class
-    indices of shape (N) or (N, d1, ..., dk). ``backend`` is "auto", "cpu" or "cuda" (the fused
-    C++ kernels), "triton" (the fused Triton kernel) or "torch" (the eager reference).
+    loss_i = -sum_k t_k w_k (1 - p_k)^gamma_i log p_k, with p = softmax(input_i) and t the
+    (label-smoothed) target distribution. The arguments are ``F.cross_entropy``'s, in its order:
+    ``input`` (N, C), (N, C, d1, ..., dk) or (C,); ``target`` class indices (int64 or uint8) of
+    shape (N) or (N, d1, ..., dk), or class probabilities of the input's shape; ``weight`` (C);
+    ``ignore_index``, ``reduction``, ``label_smoothing`` (and the deprecated ``size_average`` /
+    ``reduce``). Keyword-only: ``gamma``, a float >= 0 (a NumPy scalar or a 0-d tensor too),
+    "flsd-53", "flsd-532" or a GammaSchedule; with probability targets an adaptive gamma is chosen
+    from sum_k t_k p_k. ``backend``: "auto", "cpu" / "cuda" (the fused C++ kernels), "triton"
+    (the fused Triton kernels) or "torch" (the eager reference).
+
+    The loss has the input's dtype, float32 under ``torch.autocast`` (as F.cross_entropy's).
     """
-    _check_inputs(logits, target, weight, reduction, label_smoothing, backend)
-    schedule = as_schedule(gamma)
-    n_classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
-    backend = resolve_backend(backend, logits.device, row_bytes=n_classes * logits.element_size())
-    if backend == "torch":
-        return reference.focal_loss(logits, target, schedule, weight=weight,
-                                    ignore_index=ignore_index, reduction=reduction,
-                                    label_smoothing=label_smoothing)
-    out_shape = target.shape
-    if logits.dim() == 1:
-        logits, target = logits.unsqueeze(0), target.unsqueeze(0)
-    rows = logits.movedim(1, -1).reshape(-1, n_classes) if logits.dim() > 2 else logits
-    op = ops.focal_loss_triton if backend == "triton" else ops.focal_loss
-    loss, _ = op(rows, target.reshape(-1), weight, list(schedule.thresholds),
-                             list(schedule.gammas), schedule.default, int(ignore_index),
-                             float(label_smoothing), reduction,
-                             torch.is_grad_enabled() and logits.requires_grad)
-    if reduction == "none":
-        loss = loss.reshape(out_shape)
-    return loss.to(logits.dtype)
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError("focal_loss: input and target must be tensors")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"focal_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    table = gamma_table(gamma)
+    if backend == "auto" and input.is_cpu:  # the common case, without the general resolution
+        kernel = "cpu"
+    else:
+        c = input.shape[1] if input.dim() >= 2 else input.shape[-1] if input.dim() else 0
+        kernel = resolve_backend(backend, input.device, row_bytes=c * input.element_size())
+    if kernel == "torch":
+        return reference.focal_loss(input, target, weight, ignore_index=ignore_index,
+                                    reduction=reduction, label_smoothing=label_smoothing,
+                                    gamma=gamma)
+    if kernel == "triton":
+        ops.load_triton()
+    if input.dim() == 2 and target.dim() <= 2:
+        return ops.focal_loss(input, target, weight, table, ignore_index, label_smoothing,
+                              reduction, "triton" if kernel == "triton" else "native")
+    prob_target = target.is_floating_point()
+    rows, target_rows, sample_shape = _as_rows(input, target, prob_target)
+    loss = ops.focal_loss(rows, target_rows, weight, table, ignore_index, label_smoothing,
+                          reduction, "triton" if kernel == "triton" else "native")
+    return loss.reshape(sample_shape) if reduction == "none" else loss
 
 
 class FocalLoss(nn.modules.loss._WeightedLoss):
-    """nn.CrossEntropyLoss's constructor plus ``gamma``: a float, "flsd-53", "flsd-532" or a
-    GammaSchedule (see :func:`focal_loss`)."""
+    """``nn.CrossEntropyLoss``'s constructor, in its order, plus the keyword-only ``gamma`` (a
+    float, "flsd-53", "flsd-532" or a GammaSchedule) and ``backend`` (see :func:`focal_loss`)."""
 
     __constants__ = ["ignore_index", "reduction", "label_smoothing"]
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None,
                  reduction="mean", label_smoothing=0.0, *, gamma=3.0, backend="auto"):
-        if size_average is not None or reduce is not None:
-            reduction = _reduction.legacy_get_string(size_average, reduce)
-        super().__init__(weight, None, None, reduction)
+        super().__init__(weight, size_average, reduce, reduction)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
-        self.gamma = as_schedule(gamma)  # validate now, not at the first batch
+        gamma_table(gamma)  # validate now, not at the first batch
+        self.gamma = as_schedule(gamma) if isinstance(gamma, str) else gamma
         self.backend = backend
 
     def forward(self, input, target):
-        return focal_loss(input, target, self.gamma, weight=self.weight,
-                          ignore_index=self.ignore_index, reduction=self.reduction,
-                          label_smoothing=self.label_smoothing, backend=self.backend)
+        return focal_loss(input, target, self.weight, ignore_index=self.ignore_index,
+                          reduction=self.reduction, label_smoothing=self.label_smoothing,
+                          gamma=self.gamma, backend=self.backend)
 
     def extra_repr(self):
         return (f"gamma={self.gamma}, ignore_index={self.ignore_index}, "

@@ -5,32 +5,52 @@ Written the way a user would write them in plain PyTorch, computing in the input
 
 import torch
 import torch.nn.functional as F
+from torch.nn import _reduction
 
 from .schedule import as_schedule
 
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def focal_loss(logits, target, gamma=3.0, *, weight=None, ignore_index=-100, reduction="mean",
-               label_smoothing=0.0):
-    """Softmax focal loss of CONTRACT §1 (the paper's FL-gamma / FLSD), eager PyTorch."""
+def focal_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+               reduction="mean", label_smoothing=0.0, *, gamma=3.0):
+    """Softmax focal loss of CONTRACT §1 (the paper's FL-gamma / FLSD), eager PyTorch, with
+    F.cross_entropy's signature: class-index or class-probability targets."""
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     schedule = as_schedule(gamma)
     eps = float(label_smoothing)
-    out_shape = target.shape
-    if logits.dim() == 1:
-        logits, target = logits.unsqueeze(0), target.unsqueeze(0)
-    n_classes = logits.shape[1]
-    x = logits.movedim(1, -1).reshape(-1, n_classes) if logits.dim() > 2 else logits
+    prob_target = target.is_floating_point()
+    out_shape = target.shape[:1] + target.shape[2:] if prob_target and target.dim() > 1 else \
+        (() if prob_target else target.shape)
+    if input.dim() == 1:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    n_classes = input.shape[1]
+    x = input.movedim(1, -1).reshape(-1, n_classes) if input.dim() > 2 else input
+    logp = F.log_softmax(x, dim=1)
+    w = weight.to(x.dtype) if weight is not None else None
+
+    if prob_target:
+        t = target.movedim(1, -1).reshape(-1, n_classes).to(x.dtype) if target.dim() > 2 \
+            else target.to(x.dtype)
+        # gamma from sum_k t_k p_k, the probability the target puts on the prediction
+        g = schedule.gamma_per_sample((t * logp.exp()).sum(1))
+        a = (1.0 - eps) * t + eps / n_classes
+        if w is not None:
+            a = a * w
+        loss = -(a * (-torch.expm1(logp)).pow(g.unsqueeze(1)) * logp).sum(1)
+        if reduction == "none":
+            return loss.reshape(out_shape)
+        return loss.sum() if reduction == "sum" else loss.mean()
+
     t = target.reshape(-1)
     valid = t != ignore_index
     t_safe = torch.where(valid, t, torch.zeros_like(t))
-
-    logp = F.log_softmax(x, dim=1)
     logp_y = logp.gather(1, t_safe.unsqueeze(1)).squeeze(1)
     g = schedule.gamma_per_sample(logp_y.exp())  # chosen from p_y, no gradient through the choice
-    w_y = weight.to(x.dtype)[t_safe] if weight is not None else torch.ones_like(logp_y)
+    w_y = w[t_safe] if w is not None else torch.ones_like(logp_y)
     w_y = w_y * valid
 
     # (1 - p)^gamma, with 1 - p as -expm1(log p)
@@ -39,8 +59,8 @@ def focal_loss(logits, target, gamma=3.0, *, weight=None, ignore_index=-100, red
         loss = -w_y * focal_y
     else:
         focal = (-torch.expm1(logp)).pow(g.unsqueeze(1)) * logp
-        if weight is not None:
-            focal = focal * weight.to(x.dtype)
+        if w is not None:
+            focal = focal * w
         loss = -((1.0 - eps) * w_y * focal_y + (eps / n_classes) * focal.sum(1) * valid)
 
     if reduction == "none":

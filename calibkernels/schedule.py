@@ -1,11 +1,24 @@
-"""Gamma for focal loss: a fixed float or an adaptive per-sample schedule (FLSD, CONTRACT §1)."""
+"""Gamma for focal loss: a fixed float or an adaptive per-sample schedule (FLSD, CONTRACT §1).
 
+The ops take gamma as a float64 table [thresholds..., gammas..., default] (a fixed gamma is a
+table of one value), so that a new gamma or schedule is a new tensor value, never a new compiled
+graph: under torch.compile(fullgraph=True) changing gamma causes neither a graph break nor a
+recompile per value.
+"""
+
+import functools
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
 import torch
 
 MAX_PIECES = 8
+
+
+def _check_gamma(g):
+    if not (math.isfinite(g) and g >= 0.0):
+        raise ValueError(f"gamma must be a finite number >= 0, got {g}")
 
 
 @dataclass(frozen=True)
@@ -18,6 +31,7 @@ class GammaSchedule:
     thresholds: tuple = ()
     gammas: tuple = ()
     default: float = 3.0
+    table: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
@@ -36,8 +50,9 @@ class GammaSchedule:
             raise ValueError(f"GammaSchedule thresholds must be strictly increasing, "
                              f"got {list(self.thresholds)}")
         for g in self.gammas + (self.default,):
-            if not (math.isfinite(g) and g >= 0.0):
-                raise ValueError(f"gamma must be a finite number >= 0, got {g}")
+            _check_gamma(g)
+        table = torch.tensor(self.thresholds + self.gammas + (self.default,), dtype=torch.float64)
+        object.__setattr__(self, "table", table)
 
     @property
     def is_fixed(self) -> bool:
@@ -61,7 +76,8 @@ NAMED_SCHEDULES = {
 
 
 def as_schedule(gamma) -> GammaSchedule:
-    """A float, one of NAMED_SCHEDULES' names, or a GammaSchedule, as a GammaSchedule."""
+    """A float (or NumPy scalar, or 0-d tensor), one of NAMED_SCHEDULES' names, or a
+    GammaSchedule, as a GammaSchedule (for the eager reference and repr)."""
     if isinstance(gamma, GammaSchedule):
         return gamma
     if isinstance(gamma, str):
@@ -70,7 +86,46 @@ def as_schedule(gamma) -> GammaSchedule:
         except KeyError:
             raise ValueError(f"unknown gamma schedule {gamma!r}; expected a float, a "
                              f"GammaSchedule or one of {sorted(NAMED_SCHEDULES)}") from None
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+    return GammaSchedule(default=_as_float(gamma))
+
+
+def _as_float(gamma) -> float:
+    if isinstance(gamma, torch.Tensor):
+        if gamma.numel() != 1 or gamma.dtype == torch.bool or gamma.is_complex():
+            raise ValueError(f"gamma as a tensor must hold one real number, got "
+                             f"{gamma.dtype} of shape {tuple(gamma.shape)}")
+        return float(gamma)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
         raise ValueError(f"gamma must be a float, a GammaSchedule or one of "
                          f"{sorted(NAMED_SCHEDULES)}, got {gamma!r}")
-    return GammaSchedule(default=float(gamma))
+    return float(gamma)
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_table(g: float) -> torch.Tensor:
+    _check_gamma(g)
+    return torch.tensor([g], dtype=torch.float64)
+
+
+def gamma_table(gamma) -> torch.Tensor:
+    """The ops' gamma argument: a float64 table (see the module docstring). A 0-d tensor keeps
+    its device (a CUDA gamma is read by the kernels on the device: no host synchronisation)."""
+    if type(gamma) is float and not torch.compiler.is_compiling():
+        return _fixed_table(gamma)  # the common case first: a cache hit
+    if isinstance(gamma, GammaSchedule):
+        return gamma.table
+    if isinstance(gamma, str):
+        return as_schedule(gamma).table
+    if isinstance(gamma, torch.Tensor):
+        if gamma.numel() != 1 or gamma.dtype == torch.bool or gamma.is_complex():
+            raise ValueError(f"gamma as a tensor must hold one real number, got "
+                             f"{gamma.dtype} of shape {tuple(gamma.shape)}")
+        table = gamma.detach().reshape(1).to(torch.float64)
+        if table.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_gamma(float(table))
+        return table
+    if torch.compiler.is_compiling():
+        # A symbolic float: the table is built in the graph (a float64 add), so that a new value
+        # is a new input, not a new graph. The op checks the value when it runs.
+        return torch.zeros(1, dtype=torch.float64) + gamma
+    return _fixed_table(_as_float(gamma))

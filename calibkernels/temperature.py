@@ -15,7 +15,7 @@ def _nll_and_slope(logits, target, u, ignore_index):
     the fused focal loss at gamma = 0; the derivative comes by autograd through logits / T)."""
     u = torch.tensor(u, dtype=logits.dtype, device=logits.device, requires_grad=True)
     with torch.enable_grad():
-        nll = focal_loss(logits * torch.exp(-u), target, 0.0, ignore_index=ignore_index)
+        nll = focal_loss(logits * torch.exp(-u), target, ignore_index=ignore_index, gamma=0.0)
         (slope,) = torch.autograd.grad(nll, u)
     return nll.item(), slope.item()
 

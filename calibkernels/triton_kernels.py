@@ -41,28 +41,17 @@ def _as(x, ty: tl.constexpr):
 
 
 @triton.jit
-def select_gamma(p_y, t0, t1, t2, t3, t4, t5, t6, t7, g0, g1, g2, g3, g4, g5, g6, g7, default,
-                 N_PIECES: tl.constexpr):
-    # Thresholds compared in the math precision; walk backwards so the first one above p_y wins.
+def select_gamma(p_y, TABLE, N_PIECES: tl.constexpr):
+    """gamma from the table [thresholds..., gammas..., default] (GammaSchedule), compared in the
+    math precision; NaN for a gamma that is not a finite number >= 0 (a device-side table)."""
     ty = p_y.dtype
-    gamma = tl.zeros_like(p_y) + _as(default, ty)
-    if N_PIECES > 7:
-        gamma = tl.where(p_y < _as(t7, ty), _as(g7, ty), gamma)
-    if N_PIECES > 6:
-        gamma = tl.where(p_y < _as(t6, ty), _as(g6, ty), gamma)
-    if N_PIECES > 5:
-        gamma = tl.where(p_y < _as(t5, ty), _as(g5, ty), gamma)
-    if N_PIECES > 4:
-        gamma = tl.where(p_y < _as(t4, ty), _as(g4, ty), gamma)
-    if N_PIECES > 3:
-        gamma = tl.where(p_y < _as(t3, ty), _as(g3, ty), gamma)
-    if N_PIECES > 2:
-        gamma = tl.where(p_y < _as(t2, ty), _as(g2, ty), gamma)
-    if N_PIECES > 1:
-        gamma = tl.where(p_y < _as(t1, ty), _as(g1, ty), gamma)
-    if N_PIECES > 0:
-        gamma = tl.where(p_y < _as(t0, ty), _as(g0, ty), gamma)
-    return gamma
+    gamma = tl.zeros_like(p_y) + tl.load(TABLE + 2 * N_PIECES).to(ty)
+    # Walk the pieces backwards so that the first threshold above p_y wins.
+    for j in tl.static_range(N_PIECES - 1, -1, -1):
+        tau = tl.load(TABLE + j).to(ty)
+        gamma = tl.where(p_y < tau, tl.load(TABLE + N_PIECES + j).to(ty), gamma)
+    valid = (gamma >= 0.0) & (gamma <= 1e30)
+    return tl.where(valid, gamma, float("nan"))
 
 
 @triton.jit
@@ -78,17 +67,51 @@ def focal_terms(lp, gamma):
 
 
 @triton.jit
-def focal_loss_rows_kernel(X, TARGET, WEIGHT, DIVISOR, LOSS_ROWS, GRAD, n_classes, ignore_index,
-                           eps: tl.float64, t0: tl.float64, t1: tl.float64, t2: tl.float64,
-                           t3: tl.float64, t4: tl.float64, t5: tl.float64, t6: tl.float64,
-                           t7: tl.float64, g0: tl.float64, g1: tl.float64, g2: tl.float64,
-                           g3: tl.float64, g4: tl.float64, g5: tl.float64, g6: tl.float64,
-                           g7: tl.float64, gamma_default: tl.float64,
-                           N_PIECES: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                           HAS_GRAD: tl.constexpr, SMOOTH: tl.constexpr, MEAN: tl.constexpr,
-                           MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _target_mass(PROBS, WEIGHT, offs, mask, c1, b, PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 math_t: tl.constexpr):
+    """a_k = ((1 - eps) t_k + eps / C) w_k over a block of classes (t_k = 0 for an index target:
+    its one-hot part is added apart)."""
+    a = tl.zeros(offs.shape, math_t) + b
+    if PROB:
+        a += c1 * tl.load(PROBS + offs, mask=mask, other=0.0).to(math_t)
+    if HAS_WEIGHT:
+        a *= tl.load(WEIGHT + offs, mask=mask, other=0.0).to(math_t)
+    return tl.where(mask, a, 0.0)
+
+
+@triton.jit
+def _grad_row(x_row, probs_row, g_row, WEIGHT, n_classes, y, live, fill, m, s, log_s, gamma, S,
+              g_y, coef, c1, b, DENSE: tl.constexpr, PROB: tl.constexpr,
+              HAS_WEIGHT: tl.constexpr, math_t: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The gradient phase (RowStats of csrc/focal_loss_row.h): coef (p_k S - a_k G_k), the true
+    class of an index target coef g_y; `fill` where the sample is ignored (0) or bad (NaN)."""
+    cols = tl.arange(0, BLOCK_C)
+    for start in range(0, n_classes, BLOCK_C):
+        offs = start + cols
+        mask = offs < n_classes
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
+        p_k = tl.exp(x - m) / s
+        if DENSE:
+            a_k = _target_mass(probs_row, WEIGHT, offs, mask, c1, b, PROB, HAS_WEIGHT, math_t)
+            _, _, _, G_k = focal_terms(tl.where(mask, (x - m) - log_s, 0.0), gamma)
+            g = (p_k * S - a_k * G_k) * coef
+        else:
+            g = p_k * S * coef
+        if not PROB:
+            g = tl.where(offs == y, g_y * coef, g)
+        g = tl.where(live, g, fill)
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD, STATS,
+                              n_classes, ignore_index, eps: tl.float64, N_PIECES: tl.constexpr,
+                              PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                              HAS_GRAD: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr,
+                              MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * n_classes  # 64-bit offsets: N * C > 2^31 at LLM vocabularies
+    probs_row = TARGET + row * n_classes
     math_t = MATH_T  # float32, or float64 for float64 logits
     cols = tl.arange(0, BLOCK_C)
 
@@ -111,47 +134,66 @@ def focal_loss_rows_kernel(X, TARGET, WEIGHT, DIVISOR, LOSS_ROWS, GRAD, n_classe
     s = n_max + rest
     log_s = log_sum_exp_shifted(n_max, rest)
 
-    y = tl.load(TARGET + row)
-    kept = y != ignore_index
-    in_range = (y >= 0) & (y < n_classes)
-    bad = kept & (~in_range)
-    live = kept & in_range
-    y_safe = tl.where(live, y, 0)  # never read out of bounds for a bad target
-    lp_y = tl.where(live, (tl.load(x_row + y_safe).to(math_t) - m) - log_s, 0.0)
-    gamma = select_gamma(tl.exp(lp_y), t0, t1, t2, t3, t4, t5, t6, t7, g0, g1, g2, g3, g4, g5,
-                         g6, g7, gamma_default, N_PIECES)
-    p_y, q_y, f_y, G_y = focal_terms(lp_y, gamma)
-    w_y = tl.full((), 1.0, math_t)
-    if HAS_WEIGHT:
-        w_y = tl.load(WEIGHT + y_safe).to(math_t)
     eps = _as(eps, math_t)
-    a1_y = (1.0 - eps) * w_y
-    loss = a1_y * f_y
-    S_other = tl.zeros((), math_t)
-    aG_y = a1_y * G_y
+    c1 = 1.0 - eps
     b = eps / n_classes
+    if PROB:
+        y = tl.full((), -1, tl.int64)
+        live = tl.full((), 1, tl.int1)
+        bad = tl.full((), 0, tl.int1)
+        p_sel = tl.zeros((), math_t)
+        if N_PIECES > 0:  # gamma from sum_k t_k p_k
+            for start in range(0, n_classes, BLOCK_C):
+                offs = start + cols
+                mask = offs < n_classes
+                x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
+                t = tl.load(probs_row + offs, mask=mask, other=0.0).to(math_t)
+                p_sel += tl.sum(tl.where(mask, t * tl.exp(x - m), 0.0), 0)
+            p_sel = p_sel / s
+        lp_y = tl.zeros((), math_t)
+    else:
+        y = tl.load(TARGET + row)
+        kept = y != ignore_index
+        in_range = (y >= 0) & (y < n_classes)
+        bad = kept & (~in_range)
+        live = kept & in_range
+        y_safe = tl.where(live, y, 0)  # never read out of bounds for a bad target
+        lp_y = tl.where(live, (tl.load(x_row + y_safe).to(math_t) - m) - log_s, 0.0)
+        p_sel = tl.exp(lp_y)
+    gamma = select_gamma(p_sel, TABLE, N_PIECES)
 
-    # Pass 2 (label smoothing only): sum_k a_k f_k and sum_{k != y} a_k G_k.
-    if SMOOTH:
+    w_y = tl.full((), 1.0, math_t)
+    if HAS_WEIGHT and not PROB:
+        w_y = tl.load(WEIGHT + tl.where(live, y, 0)).to(math_t)
+    p_y, q_y, f_y, G_y = focal_terms(lp_y, gamma)
+    if PROB:
+        loss = tl.zeros((), math_t)
+        aG_y = tl.zeros((), math_t)
+    else:
+        loss = c1 * w_y * f_y  # the one-hot part of the true class
+        aG_y = c1 * w_y * G_y
+    S_other = tl.zeros((), math_t)
+
+    # Pass 2 (a dense target distribution): sum_k a_k f_k and sum_k a_k G_k (k != y).
+    if DENSE:
         sum_af = tl.zeros((), math_t)
         sum_aG = tl.zeros((), math_t)
         for start in range(0, n_classes, BLOCK_C):
             offs = start + cols
             mask = offs < n_classes
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
-            w_k = tl.full((BLOCK_C,), 1.0, math_t)
-            if HAS_WEIGHT:
-                w_k = tl.load(WEIGHT + offs, mask=mask, other=0.0).to(math_t)
-            a_k = tl.where(mask, b * w_k, 0.0)
+            a_k = _target_mass(probs_row, WEIGHT, offs, mask, c1, b, PROB, HAS_WEIGHT, math_t)
             _, _, f_k, G_k = focal_terms(tl.where(mask, (x - m) - log_s, 0.0), gamma)
             sum_af += tl.sum(a_k * f_k, 0)
             sum_aG += tl.sum(tl.where(offs != y, a_k * G_k, 0.0), 0)
         loss += sum_af
         S_other = sum_aG
-        aG_y += b * w_y * G_y
+        if not PROB:
+            aG_y += b * w_y * G_y
 
+    poisoned = m == float("inf")  # as torch: x - max is inf - inf
     loss_out = tl.where(live, -loss, 0.0)
-    loss_out = tl.where(bad, float("nan"), loss_out)
+    loss_out = tl.where(bad | poisoned, float("nan"), loss_out)
     tl.store(LOSS_ROWS + row, loss_out.to(LOSS_ROWS.dtype.element_ty))
 
     # Pass 3: the gradient, written once; the true class formed in the math precision.
@@ -159,26 +201,55 @@ def focal_loss_rows_kernel(X, TARGET, WEIGHT, DIVISOR, LOSS_ROWS, GRAD, n_classe
         scale = tl.full((), 1.0, math_t)
         if MEAN:
             scale = 1.0 / tl.load(DIVISOR).to(math_t)
-        g_row = GRAD + row * n_classes
+        scale = tl.where(live, scale, 0.0)
         S = S_other + aG_y
-        g_y = (p_y * S_other - q_y * aG_y) * scale
+        g_y = p_y * S_other - q_y * aG_y
+        S = tl.where(poisoned, float("nan"), S)
+        g_y = tl.where(poisoned, float("nan"), g_y)
+        st = STATS + row * 7
+        tl.store(st + 0, m)
+        tl.store(st + 1, s)
+        tl.store(st + 2, log_s)
+        tl.store(st + 3, gamma)
+        tl.store(st + 4, S)
+        tl.store(st + 5, g_y)
+        tl.store(st + 6, scale)
         fill = tl.where(bad, float("nan"), 0.0)
-        for start in range(0, n_classes, BLOCK_C):
-            offs = start + cols
-            mask = offs < n_classes
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
-            p_k = tl.exp(x - m) / s
-            if SMOOTH:
-                w_k = tl.full((BLOCK_C,), 1.0, math_t)
-                if HAS_WEIGHT:
-                    w_k = tl.load(WEIGHT + offs, mask=mask, other=0.0).to(math_t)
-                _, _, _, G_k = focal_terms(tl.where(mask, (x - m) - log_s, 0.0), gamma)
-                g = (p_k * S - b * w_k * G_k) * scale
-            else:
-                g = p_k * aG_y * scale
-            g = tl.where(offs == y, g_y, g)
-            g = tl.where(live, g, fill)
-            tl.store(g_row + offs, g.to(GRAD.dtype.element_ty), mask=mask)
+        _grad_row(x_row, probs_row, GRAD + row * n_classes, WEIGHT, n_classes, y, live, fill, m,
+                  s, log_s, gamma, S, g_y, scale, c1, b, DENSE, PROB, HAS_WEIGHT, math_t, BLOCK_C)
+
+
+@triton.jit
+def focal_loss_backward_kernel(X, TARGET, WEIGHT, STATS, GRAD_OUTPUT, GRAD, n_classes,
+                               ignore_index, eps: tl.float64, GO_PER_ROW: tl.constexpr,
+                               SKIP_ONE: tl.constexpr, PROB: tl.constexpr,
+                               HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr,
+                               MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The gradient phase from the forward's RowStats. SKIP_ONE: GRAD holds the forward's
+    gradient, which is the answer where grad_output is 1: such a program exits at once."""
+    row = tl.program_id(0).to(tl.int64)
+    math_t = MATH_T
+    go = tl.load(GRAD_OUTPUT + (row if GO_PER_ROW else 0)).to(math_t)
+    if SKIP_ONE:
+        if go == 1.0:
+            return
+    st = STATS + row * 7
+    scale = tl.load(st + 6)
+    if PROB:
+        y = tl.full((), -1, tl.int64)
+        live = tl.full((), 1, tl.int1)
+        bad = tl.full((), 0, tl.int1)
+    else:
+        y = tl.load(TARGET + row)
+        kept = y != ignore_index
+        bad = kept & ((y < 0) | (y >= n_classes))
+        live = kept & ~bad
+    eps = _as(eps, math_t)
+    fill = tl.where(bad, float("nan"), 0.0)
+    _grad_row(X + row * n_classes, TARGET + row * n_classes, GRAD + row * n_classes, WEIGHT,
+              n_classes, y, live, fill, tl.load(st + 0), tl.load(st + 1), tl.load(st + 2),
+              tl.load(st + 3), tl.load(st + 4), tl.load(st + 5), go * scale, 1.0 - eps,
+              eps / n_classes, DENSE, PROB, HAS_WEIGHT, math_t, BLOCK_C)
 
 
 # ---- calibration (CONTRACT §2) ----

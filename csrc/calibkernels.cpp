@@ -27,55 +27,90 @@ static void check_gamma(double g, const char* what) {
                     " must be a finite number >= 0, got ", g);
 }
 
-GammaSchedule check_focal_loss_args(const at::Tensor& logits, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight,
-                                    at::ArrayRef<double> thresholds, at::ArrayRef<double> gammas,
-                                    double gamma_default, double label_smoothing) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "focal_loss: logits must be 2-D (N, C), got shape ",
-                    logits.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(logits.scalar_type()),
-                    "focal_loss: logits must be float32, float16, bfloat16 or float64, got ",
-                    logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, "focal_loss: logits must have at least one class");
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
-                    "focal_loss: target must hold int64 class indices, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
-                    "focal_loss: target must have shape (", logits.size(0), "), got ",
-                    target.sizes());
-  TORCH_CHECK_VALUE(target.device() == logits.device(), "focal_loss: target is on ",
-                    target.device(), " but logits are on ", logits.device());
+// The gamma table [thresholds..., gammas..., default] (see GammaSchedule), its values checked when
+// it is on the CPU; a table on the input's device is read there by the kernels.
+static void check_gamma_table(const at::Tensor& gamma, const at::Tensor& input,
+                              FocalLossOptions& o) {
+  TORCH_CHECK_VALUE(gamma.scalar_type() == at::kDouble && gamma.dim() == 1,
+                    "focal_loss: gamma must be a 1-D float64 table [thresholds..., gammas..., "
+                    "default], got ", gamma.scalar_type(), " of shape ", gamma.sizes());
+  const int64_t len = gamma.numel();
+  TORCH_CHECK_VALUE(len % 2 == 1 && len <= 2 * kMaxGammaPieces + 1,
+                    "focal_loss: a gamma table holds 2 n + 1 values for a schedule of n <= ",
+                    kMaxGammaPieces, " pieces, got ", len, " values");
+  o.table_on_device = !gamma.is_cpu();
+  if (o.table_on_device) {
+    TORCH_CHECK_VALUE(gamma.device() == input.device(), "focal_loss: gamma is on ",
+                      gamma.device(), " but the input is on ", input.device());
+    o.schedule = GammaSchedule{};
+    o.schedule.n = static_cast<int>((len - 1) / 2);
+    return;
+  }
+  const at::Tensor table = gamma.contiguous();
+  o.schedule = schedule_from_table(table.const_data_ptr<double>(), static_cast<int>(len));
+  const GammaSchedule& s = o.schedule;
+  for (int j = 0; j < s.n; ++j) {
+    TORCH_CHECK_VALUE(s.thresholds[j] > 0.0 && s.thresholds[j] <= 1.0,
+                      "focal_loss: schedule thresholds must lie in (0, 1], got ", s.thresholds[j]);
+    TORCH_CHECK_VALUE(j == 0 || s.thresholds[j] > s.thresholds[j - 1],
+                      "focal_loss: schedule thresholds must be strictly increasing, got ",
+                      at::ArrayRef<double>(s.thresholds, s.n));
+    check_gamma(s.gammas[j], "every gamma");
+  }
+  check_gamma(s.fallback, "gamma");
+}
+
+FocalLossOptions check_focal_loss_args(const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight,
+                                       const at::Tensor& gamma, int64_t ignore_index,
+                                       double label_smoothing, c10::string_view reduction) {
+  FocalLossOptions o{};
+  o.reduction = parse_reduction(reduction);
+  o.ignore_index = ignore_index;
+  o.label_smoothing = label_smoothing;
+  TORCH_CHECK_VALUE(input.dim() == 2, "focal_loss: input must be 2-D (N, C), got shape ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()),
+                    "focal_loss: input must be float32, float16, bfloat16 or float64, got ",
+                    input.scalar_type());
+  TORCH_CHECK_VALUE(input.size(1) >= 1, "focal_loss: input must have at least one class");
+  TORCH_CHECK_VALUE(target.device() == input.device(), "focal_loss: target is on ",
+                    target.device(), " but input is on ", input.device());
+  o.prob_target = at::isFloatingType(target.scalar_type());
+  if (o.prob_target) {
+    TORCH_CHECK_VALUE(target.sizes() == input.sizes(),
+                      "focal_loss: class-probability targets must have the input's shape ",
+                      input.sizes(), ", got ", target.sizes());
+    TORCH_CHECK_VALUE(ignore_index < 0, "focal_loss: ignore_index is not supported for "
+                      "class-probability targets (as in F.cross_entropy), got ", ignore_index);
+  } else {
+    TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
+                      "focal_loss: target must hold class indices (int64 or uint8) or class "
+                      "probabilities (floating), got ", target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0),
+                      "focal_loss: target must have shape (", input.size(0), "), got ",
+                      target.sizes());
+  }
   if (weight.has_value()) {
     TORCH_CHECK_VALUE(at::isFloatingType(weight->scalar_type()),
                       "focal_loss: weight must be a floating tensor, got ", weight->scalar_type());
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == logits.size(1),
-                      "focal_loss: weight must have shape (", logits.size(1), "), got ",
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == input.size(1),
+                      "focal_loss: weight must have shape (", input.size(1), "), got ",
                       weight->sizes());
-    TORCH_CHECK_VALUE(weight->device() == logits.device(), "focal_loss: weight is on ",
-                      weight->device(), " but logits are on ", logits.device());
+    TORCH_CHECK_VALUE(weight->device() == input.device(), "focal_loss: weight is on ",
+                      weight->device(), " but input is on ", input.device());
   }
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "focal_loss: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK_VALUE(thresholds.size() == gammas.size(),
-                    "focal_loss: a gamma schedule needs one gamma per threshold, got ",
-                    thresholds.size(), " thresholds and ", gammas.size(), " gammas");
-  TORCH_CHECK_VALUE(thresholds.size() <= static_cast<size_t>(kMaxGammaPieces),
-                    "focal_loss: a gamma schedule has at most ", kMaxGammaPieces,
-                    " thresholds, got ", thresholds.size());
-  GammaSchedule s{};
-  s.n = static_cast<int>(thresholds.size());
-  for (int j = 0; j < s.n; ++j) {
-    TORCH_CHECK_VALUE(thresholds[j] > 0.0 && thresholds[j] <= 1.0,
-                      "focal_loss: schedule thresholds must lie in (0, 1], got ", thresholds[j]);
-    TORCH_CHECK_VALUE(j == 0 || thresholds[j] > thresholds[j - 1],
-                      "focal_loss: schedule thresholds must be strictly increasing, got ",
-                      thresholds);
-    check_gamma(gammas[j], "every gamma");
-    s.thresholds[j] = thresholds[j];
-    s.gammas[j] = gammas[j];
-  }
-  check_gamma(gamma_default, "gamma");
-  s.fallback = gamma_default;
-  return s;
+  check_gamma_table(gamma, input, o);
+  return o;
+}
+
+at::Tensor kernel_target(const at::Tensor& input, const at::Tensor& target, bool prob_target) {
+  if (!prob_target) return target.to(at::kLong).contiguous();
+  const auto t = target.scalar_type();
+  const bool readable = t == input.scalar_type() || t == math_type(input.scalar_type());
+  return (readable ? target : target.to(math_type(input.scalar_type()))).contiguous();
 }
 
 void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
@@ -103,14 +138,38 @@ void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
 }  // namespace calibkernels
 
 TORCH_LIBRARY(calibkernels, m) {
-  // Focal loss of CONTRACT §1 over rows of a contiguous (N, C) logits matrix.
-  // Returns (loss, grad): loss is per row (reduction "none") or reduced, in float32 (float64 for
-  // float64 logits); grad is d loss / d logits in the logits' dtype, computed in the same pass,
-  // or an empty tensor when compute_grad is false.
+  // Focal loss of CONTRACT §1 over the rows of an (N, C) input: the differentiable op behind
+  // calibkernels.focal_loss (autograd and autocast in focal_loss_autograd.cpp). target: class
+  // indices (N) or probabilities (N, C); gamma: the float64 table of a GammaSchedule; backend:
+  // "native" (the C++ kernels of the input's device) or "triton". The loss has dtype `dtype`
+  // (default: the input's; float32 under autocast, as F.cross_entropy).
   m.def(
-      "focal_loss(Tensor logits, Tensor target, Tensor? weight, float[] thresholds, "
-      "float[] gammas, float gamma_default, int ignore_index, float label_smoothing, "
-      "str reduction, bool compute_grad) -> (Tensor, Tensor)");
+      "focal_loss(Tensor input, Tensor target, Tensor? weight, Tensor gamma, int ignore_index, "
+      "float label_smoothing, str reduction, str backend, ScalarType? dtype=None) -> Tensor");
+  // The forward phase: the loss and, when compute_grad, the gradient for grad_output = 1 (in the
+  // input's dtype, written in the same pass) and the per-row statistics the backward needs
+  // ((N, kRowStats) in the math type: see RowStats in focal_loss_row.h).
+  m.def(
+      "focal_loss_forward(Tensor input, Tensor target, Tensor? weight, Tensor gamma, "
+      "int ignore_index, float label_smoothing, str reduction, bool compute_grad, "
+      "ScalarType? dtype=None) -> (Tensor loss, Tensor grad, Tensor stats)");
+  // The gradient phase: grad_output times d loss / d input, from the input and the forward's
+  // statistics (one read of the input, one write), rounded once.
+  m.def(
+      "focal_loss_backward(Tensor grad_output, Tensor input, Tensor target, Tensor? weight, "
+      "Tensor gamma, Tensor stats, int ignore_index, float label_smoothing, str reduction) -> "
+      "Tensor");
+  // The same into `grad`, which holds the forward's gradient for grad_output = 1: nothing is
+  // done where grad_output is 1 (on CUDA decided on the device, without a host sync).
+  m.def(
+      "focal_loss_backward_(Tensor(a!) grad, Tensor grad_output, Tensor input, Tensor target, "
+      "Tensor? weight, Tensor gamma, Tensor stats, int ignore_index, float label_smoothing, "
+      "str reduction) -> ()");
+  // The same loss as composite ATen operations: differentiable to any order, forward-mode AD and
+  // torch.func transforms (focal_loss takes it there; focal_loss_aten.cpp).
+  m.def(
+      "focal_loss_aten(Tensor input, Tensor target, Tensor? weight, Tensor gamma, "
+      "int ignore_index, float label_smoothing, str reduction) -> Tensor");
   // Histogram-binned calibration state of CONTRACT §2 for (N, C) logits (softmax inside) or
   // probabilities, reading them once. boundaries: float32 torch.linspace(0, 1, n_bins + 1).
   // Returns the top-label state (count int64, sum of confidence float64, correct int64; each

@@ -16,13 +16,27 @@ namespace calibkernels {
 // The most pieces an adaptive-gamma schedule may have (CONTRACT §1).
 constexpr int kMaxGammaPieces = 8;
 
-// gamma_i = gammas[j] for the first j with p_y < thresholds[j], else fallback.
+// gamma_i = gammas[j] for the first j with p_y < thresholds[j], else fallback. On the wire (the
+// ops' `gamma` tensor) a schedule is the float64 table [thresholds..., gammas..., fallback]: a
+// fixed gamma is a table of one value, and changing the values never changes a compiled graph.
 struct GammaSchedule {
   int n;
   double thresholds[kMaxGammaPieces];
   double gammas[kMaxGammaPieces];
   double fallback;
 };
+
+// Unpacks a table of 2n + 1 values (n <= kMaxGammaPieces; callers check the length).
+CK_HD GammaSchedule schedule_from_table(const double* table, int n_values) {
+  GammaSchedule s{};
+  s.n = (n_values - 1) / 2;
+  for (int j = 0; j < s.n; ++j) {
+    s.thresholds[j] = table[j];
+    s.gammas[j] = table[s.n + j];
+  }
+  s.fallback = table[2 * s.n];
+  return s;
+}
 
 // Math in float for float/half/bfloat16 inputs, in double for double.
 CK_HD float ck_exp(float x) { return expf(x); }
@@ -44,13 +58,19 @@ CK_HD T log_sum_exp_shifted(T n_max, T rest) {
   return r < T(0.5) ? ck_log1p(r) : ck_log(T(1) + r);  // log is exact enough there, and faster
 }
 
-// Thresholds are compared in the math precision, so every backend agrees bit for bit.
+// Thresholds are compared in the math precision, so every backend agrees bit for bit. A gamma
+// that is not a finite number >= 0 (only possible from a device-side table, which the host
+// cannot check without a synchronisation) gives NaN: never a silently wrong loss.
 template <typename T>
 CK_HD T select_gamma(const GammaSchedule& s, T p_y) {
+  double g = s.fallback;
   for (int j = 0; j < s.n; ++j) {
-    if (p_y < static_cast<T>(s.thresholds[j])) return static_cast<T>(s.gammas[j]);
+    if (p_y < static_cast<T>(s.thresholds[j])) {
+      g = s.gammas[j];
+      break;
+    }
   }
-  return static_cast<T>(s.fallback);
+  return g >= 0.0 && g <= 1e300 ? static_cast<T>(g) : static_cast<T>(NAN);
 }
 
 // For one class with log-probability lp and exponent gamma:
@@ -104,6 +124,23 @@ CK_HD FocalTerms<T> focal_terms(T lp, T gamma) {
 template <typename T>
 CK_HD T true_class_grad(const FocalTerms<T>& ty, T S_other, T aG_y) {
   return ty.p * S_other - ty.q * aG_y;
+}
+
+// What the gradient phase needs of a row, saved by the forward (the `stats` output, one row of
+// kRowStats values in the math type): d loss / d x_j = go scale (p_j S - a_j G_j) with
+// p_j = exp(x_j - m) / s, a_j the target mass and G_j from (x_j - m) - log_s and gamma; the true
+// class of a class-index target takes go scale g_y instead (formed without cancellation). scale
+// is 1 / the mean's divisor for "mean", else 1, and 0 for an ignored sample.
+template <typename T>
+struct RowStats {
+  T m, s, log_s, gamma, S, g_y, scale;
+};
+constexpr int kRowStats = 7;
+
+// A row whose max is +inf is NaN, as in torch (x - max is inf - inf there).
+template <typename T>
+CK_HD bool poisoned_max(T m) {
+  return m == static_cast<T>(INFINITY);
 }
 
 }  // namespace calibkernels

@@ -1,4 +1,4 @@
-// Argument checks and schedule packing shared by every backend's op implementation.
+// Argument checks and packing shared by every backend's op implementation.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,11 +11,31 @@ enum class Reduction { None, Mean, Sum };
 
 Reduction parse_reduction(c10::string_view reduction);
 
-// Checks dtypes and shapes (not target values: those need the data) and packs the schedule.
-GammaSchedule check_focal_loss_args(const at::Tensor& logits, const at::Tensor& target,
-                                    const std::optional<at::Tensor>& weight,
-                                    at::ArrayRef<double> thresholds, at::ArrayRef<double> gammas,
-                                    double gamma_default, double label_smoothing);
+// The options of focal_loss_forward / focal_loss_backward, checked and unpacked.
+struct FocalLossOptions {
+  Reduction reduction;
+  bool prob_target;        // class-probability targets (N, C), else class indices (N)
+  GammaSchedule schedule;  // unpacked from a CPU gamma table
+  bool table_on_device;    // the table lives on the input's device: kernels read it there
+  int64_t ignore_index;
+  double label_smoothing;
+};
+
+// Checks dtypes, shapes and devices (not target values: those need the data) and the gamma
+// table (its values too when it is on the CPU).
+FocalLossOptions check_focal_loss_args(const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight,
+                                       const at::Tensor& gamma, int64_t ignore_index,
+                                       double label_smoothing, c10::string_view reduction);
+
+// The target as the kernels read it: int64 class indices (uint8 widened), or probabilities in
+// the input's dtype or its math type (float32 / float64), contiguous.
+at::Tensor kernel_target(const at::Tensor& input, const at::Tensor& target, bool prob_target);
+
+// The math type of an input dtype: float64 for float64, float32 otherwise.
+inline at::ScalarType math_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
                             const at::Tensor& boundaries);

@@ -28,10 +28,10 @@ def make_logits(n, c, dtype=torch.float32, extra_dims=(), *, seed=0, confident=T
 
 
 def loss_and_grad(fn, x, t, gamma, reduction, **kw):
-    """fn(x, t, gamma, ...) and its gradient in x for a non-trivial grad_output (which exercises
-    the scaling in backward)."""
+    """fn(x, t, gamma=gamma, ...) and its gradient in x for a non-trivial grad_output (which
+    exercises the gradient phase of backward)."""
     x = x.detach().requires_grad_()
-    loss = fn(x, t, gamma, reduction=reduction, **kw)
+    loss = fn(x, t, gamma=gamma, reduction=reduction, **kw)
     go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
     (grad,) = torch.autograd.grad(loss, x, go.reshape(loss.shape))
     return loss.detach(), grad
@@ -60,6 +60,14 @@ def assert_within_twice_eager(actual, eager, truth, dtype, what=""):
     floor = torch.finfo(dtype).eps * truth[finite].abs().max().item()
     assert err <= 2.0 * eager_err + floor, (
         f"{what}: error {err:.3e} exceeds 2 x eager {eager_err:.3e} + floor {floor:.3e}")
+
+
+def make_probs(x, seed=0, sharp=False):
+    """Class-probability targets of x's shape (class dimension 1), in x's dtype: soft (mixup-like)
+    rows, or with sharp=True nearly one-hot ones."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(x.shape, generator=g, dtype=torch.float64) * (8.0 if sharp else 1.0)
+    return scores.softmax(1).to(x.dtype).to(x.device)
 
 
 def assert_nan_logits_like_torch(fn, c, dtype, device="cpu", **kw):

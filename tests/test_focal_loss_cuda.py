@@ -9,7 +9,7 @@ import torch
 import calibkernels as ck
 from calibkernels import reference
 from helpers import (assert_nan_logits_like_torch, assert_within_twice_eager, loss_and_grad,
-                     make_logits, rel_err)
+                     make_logits, make_probs, rel_err)
 
 pytestmark = pytest.mark.cuda
 
@@ -17,6 +17,17 @@ BACKENDS = ["cuda", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CLASSES = [1, 2, 3, 17, 128, 1000, 4097, 32000, 128256, 262144]
 OPTIONS = list(itertools.product([False, True], [None, 2], [0.0, 0.1]))
+
+
+def _table(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _forward_op(backend):
+    if backend == "triton":
+        ck.ops.load_triton()
+        return torch.ops.calibkernels.focal_loss_forward_triton
+    return torch.ops.calibkernels.focal_loss_forward
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -56,11 +67,10 @@ def test_gpu_more_than_2_pow_31_elements(backend):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, c, device="cuda", dtype=torch.bfloat16, generator=g)
     t = torch.randint(0, c, (n,), device="cuda", generator=g)
-    loss, grad = getattr(ck.ops, "focal_loss" if backend == "cuda" else "focal_loss_triton")(
-        x, t, None, [], [], 2.0, -100, 0.0, "none", True)
+    loss, grad, _ = _forward_op(backend)(x, t, None, _table(2.0), -100, 0.0, "none", True)
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
     xr = x[rows].double().requires_grad_()
-    ref = reference.focal_loss(xr, t[rows], 2.0, reduction="none")
+    ref = reference.focal_loss(xr, t[rows], gamma=2.0, reduction="none")
     (ref_grad,) = torch.autograd.grad(ref.sum(), xr)
     assert rel_err(loss[rows], ref) < 1e-5
     assert rel_err(grad[rows], ref_grad) < 1e-2  # bfloat16 storage
@@ -77,23 +87,26 @@ def test_gpu_deterministic(backend):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-@pytest.mark.parametrize("op", ["focal_loss", "focal_loss_triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_opcheck(op, dtype):
+def test_gpu_opcheck(backend, dtype):
     x, t = make_logits(33, 70, dtype, seed=2, ignore_index=-100)
     x, t = x.detach().cuda().requires_grad_(), t.cuda()
     w = torch.rand(70, device="cuda", dtype=dtype)
+    flsd = ck.NAMED_SCHEDULES["flsd-53"].table
+    kernel = "native" if backend == "cuda" else "triton"
     for reduction in ["none", "mean", "sum"]:
-        torch.library.opcheck(getattr(torch.ops.calibkernels, op).default,
-                              (x, t, w, [0.2], [5.0], 3.0, -100, 0.1, reduction, True))
+        torch.library.opcheck(torch.ops.calibkernels.focal_loss.default,
+                              (x, t, w, flsd, -100, 0.1, reduction, kernel))
+        torch.library.opcheck(_forward_op(backend).default,
+                              (x.detach(), t, w, flsd, -100, 0.1, reduction, True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_bad_target_is_nan_not_out_of_bounds(backend):
     x = torch.randn(4, 5, device="cuda")
     t = torch.tensor([0, 1, 7, -3], device="cuda")
-    op = getattr(ck.ops, "focal_loss" if backend == "cuda" else "focal_loss_triton")
-    loss, grad = op(x, t, None, [], [], 2.0, -100, 0.0, "none", True)
+    loss, grad, _ = _forward_op(backend)(x, t, None, _table(2.0), -100, 0.0, "none", True)
     torch.cuda.synchronize()
     assert torch.isnan(loss[2:]).all() and torch.isnan(grad[2:]).all()
     assert torch.isfinite(loss[:2]).all() and torch.isfinite(grad[:2]).all()
@@ -125,11 +138,11 @@ def test_gpu_backward_scales_by_grad_output(backend):
     x = torch.randn(n, c, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
     t = torch.randint(0, c, (n,), device="cuda")
     x1, x3 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ck.focal_loss(x1, t, 2.0, backend=backend).backward()
-    (ck.focal_loss(x3, t, 2.0, backend=backend) * 3).backward()
+    ck.focal_loss(x1, t, gamma=2.0, backend=backend).backward()
+    (ck.focal_loss(x3, t, gamma=2.0, backend=backend) * 3).backward()
     torch.testing.assert_close(x3.grad, 3 * x1.grad)
     ref = x[:8].double().requires_grad_()
-    (reference.focal_loss(ref, t[:8], 2.0, reduction="sum") / n).backward()
+    (reference.focal_loss(ref, t[:8], gamma=2.0, reduction="sum") / n).backward()
     assert rel_err(x1.grad[:8], ref.grad) < 1e-5
 
 
@@ -139,6 +152,117 @@ def test_gpu_backward_scales_by_grad_output(backend):
 @pytest.mark.parametrize("gamma,label_smoothing", [(0.0, 0.0), (3.0, 0.0), (3.0, 0.1)], ids=str)
 def test_gpu_nan_logit_makes_its_row_nan_like_torch(backend, dtype, c, gamma, label_smoothing):
     assert_nan_logits_like_torch(
-        lambda x, t, **kw: ck.focal_loss(x, t, gamma, label_smoothing=label_smoothing,
+        lambda x, t, **kw: ck.focal_loss(x, t, gamma=gamma, label_smoothing=label_smoothing,
                                          backend=backend, **kw),
         c, dtype, "cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("gamma,smoothing", [(0.0, 0.0), (3.0, 0.1), ("flsd-53", 0.0)], ids=str)
+def test_gpu_probability_targets(backend, dtype, gamma, smoothing):
+    for i, c in enumerate([3, 128, 4097, 32000]):
+        reduction = ["none", "mean", "sum"][i % 3]
+        x, _ = make_logits(16, c, dtype, seed=i)
+        x = x.detach().cuda()
+        p = make_probs(x, seed=i)
+        w = (torch.rand(c, device="cuda") + 0.25).to(dtype)
+        kw = dict(weight=w, label_smoothing=smoothing)
+        kw64 = dict(kw, weight=w.double())
+        ours = loss_and_grad(partial(ck.focal_loss, backend=backend), x, p, gamma, reduction,
+                             **kw)
+        truth = loss_and_grad(reference.focal_loss, x.double(), p.double(), gamma, reduction,
+                              **kw64)
+        if dtype == torch.float64:
+            assert rel_err(ours[0], truth[0]) <= 1e-10 and rel_err(ours[1], truth[1]) <= 1e-10
+            continue
+        eager = loss_and_grad(reference.focal_loss, x, p, gamma, reduction, **kw)
+        assert_within_twice_eager(ours[0], eager[0], truth[0], dtype, f"loss C={c}")
+        assert_within_twice_eager(ours[1], eager[1], truth[1], dtype, f"grad C={c}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_backward_phases_and_retain_graph(backend):
+    # grad_output is read on the device: 1 keeps the stored gradient, anything else rewrites it
+    # from the input and the row statistics; later backwards never touch a handed-out gradient.
+    x, t = make_logits(64, 1000, torch.float32, seed=6, ignore_index=-100)
+    x, t = x.detach().cuda().requires_grad_(), t.cuda()
+    loss = ck.focal_loss(x, t, reduction="none", label_smoothing=0.1, gamma="flsd-53",
+                         backend=backend)
+    ref = reference.focal_loss(x.double(), t, reduction="none", label_smoothing=0.1,
+                               gamma="flsd-53")
+    handed = []
+    for go in [torch.ones(64), torch.linspace(0.5, 2.0, 64), torch.ones(64) * 65536.0]:
+        (g,) = torch.autograd.grad(loss, x, go.cuda(), retain_graph=True)
+        (e,) = torch.autograd.grad(ref, x, go.double().cuda(), retain_graph=True)
+        assert rel_err(g, e) < 1e-5
+        handed.append((g, g.clone()))
+    for g, copy in handed:
+        assert torch.equal(g, copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_autocast_and_loss_scaling(backend, dtype):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = (torch.randn(4, 21, 64, 64, device="cuda", generator=g) * 3).to(dtype)
+    t = torch.randint(0, 21, (4, 64, 64), device="cuda", generator=g)
+
+    def scaled_grad(fn, scale=2.0 ** 16):
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            loss = fn(xr)
+        (grad,) = torch.autograd.grad(loss * scale, xr)
+        return loss, grad
+
+    loss, ours = scaled_grad(lambda x: ck.focal_loss(x, t, gamma=3.0, backend=backend))
+    assert loss.dtype == torch.float32 and ours.dtype == dtype
+    _, truth = scaled_grad(lambda x: reference.focal_loss(x.double(), t, gamma=3.0))
+    _, eager = scaled_grad(lambda x: reference.focal_loss(x.float(), t, gamma=3.0))
+    assert_within_twice_eager(ours, eager, truth, dtype, "scaled gradient")
+    with torch.autocast("cuda", dtype=dtype):
+        total = ck.focal_loss(x, t, reduction="sum", gamma=0.0, backend=backend)
+        expected = torch.nn.functional.cross_entropy(x, t, reduction="sum")
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_gamma_as_a_device_tensor(backend):
+    # a CUDA gamma is read by the kernels on the device: no host synchronisation
+    x, t = make_logits(32, 100, torch.float32, seed=7)
+    x, t = x.detach().cuda(), t.cuda()
+    expected = loss_and_grad(partial(ck.focal_loss, backend=backend), x, t, 2.5, "mean")
+    ours = loss_and_grad(partial(ck.focal_loss, backend=backend), x, t,
+                         torch.tensor(2.5, device="cuda"), "mean")
+    torch.testing.assert_close(ours[0], expected[0])
+    torch.testing.assert_close(ours[1], expected[1])
+
+
+def test_gpu_cuda_forward_is_two_launches_at_most():
+    # the mean's divisor in one small kernel, the rows and the final sum in one (CONTRACT §1)
+    x, t = make_logits(4096, 100, torch.float32, seed=8)
+    x, t = x.detach().cuda(), t.cuda()
+    table = _table(3.0)
+    op = torch.ops.calibkernels.focal_loss_forward
+    op(x, t, None, table, -100, 0.0, "mean", True)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for reduction in ["mean", "none"]:
+            op(x, t, None, table, -100, 0.0, reduction, True)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) <= 3, kernels
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 100000])
+def test_gpu_reduced_loss_in_the_row_kernel(n):
+    # per-block partials summed in block order: deterministic; N = 0 gives torch's results
+    x, t = make_logits(max(n, 1), 50, torch.float32, seed=9, ignore_index=-100)
+    x, t = x[:n].detach().cuda(), t[:n].cuda()
+    for reduction in ["mean", "sum"]:
+        ours = ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="cuda")
+        torch_ = torch.nn.functional.cross_entropy(x, t, reduction=reduction)
+        torch.testing.assert_close(ours, torch_, equal_nan=True, rtol=1e-5, atol=1e-6)
+        again = ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="cuda")
+        assert torch.equal(ours, again) or (ours.isnan() and again.isnan())

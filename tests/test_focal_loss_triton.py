@@ -11,10 +11,10 @@ import torch
 import calibkernels as ck
 from calibkernels import reference
 from helpers import (assert_nan_logits_like_torch, assert_within_twice_eager, loss_and_grad,
-                     make_logits)
+                     make_logits, make_probs)
 
 pytestmark = pytest.mark.skipif(
-    ck.ops.focal_loss_triton is None
+    not ck.ops.triton_available()
     or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs triton with a GPU or TRITON_INTERPRET=1")
 
@@ -70,12 +70,15 @@ def test_triton_extreme_logits_stay_finite():
 
 def test_triton_bad_target_is_nan_not_out_of_bounds():
     # The device path cannot raise without a host sync: the loss and gradient turn NaN instead.
+    ck.ops.load_triton()
     x = torch.randn(4, 5, device=DEVICE)
     t = torch.tensor([0, 1, 7, 2], device=DEVICE)
-    loss, grad = ck.ops.focal_loss_triton(x, t, None, [], [], 2.0, -100, 0.0, "none", True)
+    table = torch.tensor([2.0], dtype=torch.float64)
+    op = torch.ops.calibkernels.focal_loss_forward_triton
+    loss, grad, _ = op(x, t, None, table, -100, 0.0, "none", True)
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     assert torch.isfinite(loss[[0, 1, 3]]).all() and torch.isfinite(grad[[0, 1, 3]]).all()
-    mean, _ = ck.ops.focal_loss_triton(x, t, None, [], [], 2.0, -100, 0.0, "mean", False)
+    mean, _, _ = op(x, t, None, table, -100, 0.0, "mean", False)
     assert torch.isnan(mean)
 
 
@@ -92,6 +95,51 @@ def test_triton_backend_needs_a_device_it_can_run_on(monkeypatch):
 @pytest.mark.parametrize("gamma,label_smoothing", [(0.0, 0.0), (3.0, 0.0), (3.0, 0.1)], ids=str)
 def test_triton_nan_logit_makes_its_row_nan_like_torch(c, gamma, label_smoothing):
     assert_nan_logits_like_torch(
-        lambda x, t, **kw: ck.focal_loss(x, t, gamma, label_smoothing=label_smoothing,
+        lambda x, t, **kw: ck.focal_loss(x, t, gamma=gamma, label_smoothing=label_smoothing,
                                          backend="triton", **kw),
         c, torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weighted,smoothing", [(False, 0.0), (True, 0.1)], ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 3.0, "flsd-53"], ids=str)
+def test_triton_probability_targets(dtype, weighted, smoothing, gamma):
+    for i, c in enumerate([3, 17, 1000]):
+        reduction = REDUCTIONS[i % 3]
+        x, _ = make_logits(6, c, dtype, seed=i)
+        x = x.detach().to(DEVICE)
+        p = make_probs(x, seed=i)
+        kw = dict(label_smoothing=smoothing)
+        if weighted:
+            kw["weight"] = (torch.rand(c, generator=torch.Generator().manual_seed(i)) + 0.25)
+        kw64 = dict(kw, weight=kw["weight"].double()) if weighted else kw
+        kw = dict(kw, weight=kw["weight"].to(DEVICE)) if weighted else kw
+        ours = loss_and_grad(partial(ck.focal_loss, backend="triton"), x, p, gamma, reduction, **kw)
+        truth = loss_and_grad(reference.focal_loss, x.double(), p.double(), gamma, reduction,
+                              **kw64)
+        eager = loss_and_grad(reference.focal_loss, x, p, gamma, reduction, **kw)
+        assert_within_twice_eager(ours[0], eager[0], truth[0], dtype, f"loss C={c}")
+        assert_within_twice_eager(ours[1], eager[1], truth[1], dtype, f"grad C={c}")
+
+
+def test_triton_backward_phases():
+    # the stored gradient for grad_output = 1, the gradient phase otherwise, retain_graph
+    x, t = make_logits(8, 33, torch.float32, seed=4, ignore_index=-100)
+    x = x.detach().to(DEVICE).requires_grad_()
+    loss = ck.focal_loss(x, t, reduction="none", label_smoothing=0.1, gamma="flsd-53",
+                         backend="triton")
+    ref = reference.focal_loss(x.double(), t, reduction="none", label_smoothing=0.1,
+                               gamma="flsd-53")
+    for go in [torch.ones(8), torch.linspace(0.5, 2.0, 8), torch.ones(8)]:
+        (g,) = torch.autograd.grad(loss, x, go.to(DEVICE), retain_graph=True)
+        (e,) = torch.autograd.grad(ref, x, go.double().to(DEVICE), retain_graph=True)
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_triton_infinite_logits_like_cross_entropy():
+    inf = float("inf")
+    x = torch.tensor([[0.0, inf, 1.0], [0.0, -inf, 1.0], [-inf, 0.0, 1.0]], device=DEVICE)
+    t = torch.tensor([0, 0, 0], device=DEVICE)
+    loss = ck.focal_loss(x, t, reduction="none", gamma=0.0, backend="triton")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, t, reduction="none"),
+                               equal_nan=True)

@@ -8,7 +8,8 @@ import torch
 import calibkernels as ck
 from helpers import make_logits
 
-OPS = ["calibkernels::focal_loss", "calibkernels::calibration_bins"]
+OPS = ["calibkernels::focal_loss_forward", "calibkernels::focal_loss_backward",
+       "calibkernels::focal_loss_backward_", "calibkernels::calibration_bins"]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -31,33 +32,58 @@ def test_every_op_has_a_cuda_kernel(op):
 def test_auto_backend_follows_the_measured_table(what, row_bytes, expected):
     from calibkernels.focal_loss import resolve_backend
 
-    if ck.ops.triton is None:
+    if not ck.ops.triton_available():
         expected = "cuda"
     assert resolve_backend("auto", torch.device("cuda"), what, row_bytes) == expected
     assert resolve_backend("auto", torch.device("cpu"), what, row_bytes) == "cpu"
     assert resolve_backend("auto", torch.device("meta"), what, row_bytes) == "torch"
 
 
+def test_autograd_and_autocast_are_registered_for_focal_loss():
+    for key in ["Autograd", "AutocastCPU", "AutocastCUDA", "CompositeExplicitAutograd"]:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("calibkernels::focal_loss", key)
+
+
 def test_triton_op_is_registered():
+    ck.ops.load_triton()
     assert ck.ops.focal_loss_triton is not None
-    assert torch.ops.calibkernels.focal_loss_triton.default is not None
+    assert torch.ops.calibkernels.focal_loss_forward_triton.default is not None
 
 
 def _focal_loss_samples():
+    flsd = ck.NAMED_SCHEDULES["flsd-532"].table
     for dtype in [torch.float32, torch.float64, torch.bfloat16, torch.float16]:
         for reduction in ["none", "mean", "sum"]:
-            for compute_grad in [True, False]:
-                x, t = make_logits(9, 7, dtype, seed=1, ignore_index=-100,
-                                   requires_grad=compute_grad)
-                w = torch.rand(7, dtype=dtype) + 0.5
-                yield (x, t, None, [], [], 2.0, -100, 0.0, reduction, compute_grad)
-                yield (x, t, w, [0.2, 0.5], [5.0, 3.0], 2.0, -100, 0.1, reduction, compute_grad)
+            x, t = make_logits(9, 7, dtype, seed=1, ignore_index=-100)
+            w = torch.rand(7, dtype=dtype) + 0.5
+            p = torch.rand(9, 7, dtype=dtype).softmax(1)
+            yield (x, t, None, torch.tensor([2.0], dtype=torch.float64), -100, 0.0, reduction,
+                   "native")
+            yield (x, t, w, flsd, -100, 0.1, reduction, "native")
+            yield (x, p, w, flsd, -100, 0.1, reduction, "native")
 
 
 @pytest.mark.parametrize("args", list(_focal_loss_samples()),
-                         ids=lambda a: f"{a[0].dtype}-{a[8]}-grad={a[9]}-w={a[2] is not None}")
+                         ids=lambda a: f"{a[0].dtype}-{a[6]}-w={a[2] is not None}-"
+                                       f"soft={a[1].is_floating_point()}")
 def test_opcheck_focal_loss(args):
+    # the differentiable op: schema, fake kernel, autograd (through the C++ Function), compile
     torch.library.opcheck(torch.ops.calibkernels.focal_loss.default, args)
+    # and its forward phase, with and without the gradient
+    for compute_grad in [False, True]:
+        torch.library.opcheck(torch.ops.calibkernels.focal_loss_forward.default,
+                              (*args[:7], compute_grad))
+
+
+def test_opcheck_focal_loss_backward():
+    x, t = make_logits(9, 7, torch.float32, seed=1, ignore_index=-100, requires_grad=False)
+    table = torch.tensor([2.0], dtype=torch.float64)
+    for reduction in ["none", "mean"]:
+        _, grad, stats = torch.ops.calibkernels.focal_loss_forward(x, t, None, table, -100, 0.1,
+                                                                   reduction, True)
+        go = torch.rand(9) if reduction == "none" else torch.tensor(2.0)
+        torch.library.opcheck(torch.ops.calibkernels.focal_loss_backward.default,
+                              (go, x, t, None, table, stats, -100, 0.1, reduction))
 
 
 @pytest.mark.slow
@@ -98,14 +124,15 @@ def test_out_of_range_target_names_the_value(bad, match):
 
 
 def test_integer_logits():
-    with pytest.raises(ValueError, match="logits must be float"):
+    with pytest.raises(ValueError, match="input must be float"):
         ck.focal_loss(torch.ones(4, 5, dtype=torch.int64), torch.zeros(4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.int32])
-def test_non_int64_targets(dtype):
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.bool])
+def test_targets_of_another_integer_type(dtype):
+    # F.cross_entropy takes int64 and uint8 class indices, and floating class probabilities
     x, t = _inputs()
-    with pytest.raises(ValueError, match="target must hold int64 class indices"):
+    with pytest.raises(ValueError, match=r"target must hold class indices \(int64 or uint8\)"):
         ck.focal_loss(x, t.to(dtype))
 
 
@@ -114,6 +141,8 @@ def test_mismatched_shapes(t_shape):
     x, _ = _inputs()
     with pytest.raises(ValueError, match="target must have shape"):
         ck.focal_loss(x, torch.zeros(t_shape, dtype=torch.long))
+    with pytest.raises(ValueError, match="target .class indices. must have shape"):
+        ck.focal_loss(x.reshape(2, 5, 2), torch.zeros(t_shape, dtype=torch.long))
 
 
 def test_unknown_reduction():
@@ -124,12 +153,14 @@ def test_unknown_reduction():
 
 @pytest.mark.parametrize("gamma,match", [(-1.0, "gamma must be a finite number >= 0"),
                                          (float("nan"), "gamma must be a finite number"),
+                                         (torch.tensor(-2.0), "gamma must be a finite number"),
+                                         (torch.ones(2), "must hold one real number"),
                                          ("flsd-99", "unknown gamma schedule"),
                                          ([1.0], "gamma must be a float")])
 def test_bad_gamma(gamma, match):
     x, t = _inputs()
     with pytest.raises(ValueError, match=match):
-        ck.focal_loss(x, t, gamma)
+        ck.focal_loss(x, t, gamma=gamma)
     with pytest.raises(ValueError, match=match):
         ck.FocalLoss(gamma=gamma)
 
@@ -148,7 +179,7 @@ def test_bad_schedule(kw, match):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(weight=torch.ones(4)), r"weight must have shape \(5,\)"),
+    (dict(weight=torch.ones(4)), r"weight must have shape \(5\)"),
     (dict(weight=torch.ones(5, dtype=torch.long)), "weight must be a floating tensor"),
     (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\]"),
     (dict(backend="fast"), "backend must be one of"),
@@ -159,26 +190,108 @@ def test_bad_options(kw, match):
         ck.focal_loss(x, t, **kw)
 
 
+def _table(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def test_the_op_itself_checks_its_arguments():
     x, t = _inputs()
-    op = torch.ops.calibkernels.focal_loss
+    op = torch.ops.calibkernels.focal_loss_forward
     with pytest.raises(ValueError, match="reduction must be 'none', 'mean' or 'sum'"):
-        op(x, t, None, [], [], 2.0, -100, 0.0, "avg", False)
+        op(x, t, None, _table(2.0), -100, 0.0, "avg", False)
     with pytest.raises(ValueError, match="strictly increasing"):
-        op(x, t, None, [0.5, 0.2], [1.0, 2.0], 2.0, -100, 0.0, "mean", False)
+        op(x, t, None, _table(0.5, 0.2, 1.0, 2.0, 2.0), -100, 0.0, "mean", False)
     with pytest.raises(ValueError, match="gamma must be a finite number >= 0"):
-        op(x, t, None, [], [], -2.0, -100, 0.0, "mean", False)
-    with pytest.raises(ValueError, match="logits must be 2-D"):
-        op(x[0], t, None, [], [], 2.0, -100, 0.0, "mean", False)
-    with pytest.raises(ValueError, match="logits must be float32"):
-        op(x.long(), t, None, [], [], 2.0, -100, 0.0, "mean", False)
-    with pytest.raises(ValueError, match="target must hold int64"):
-        op(x, t.int(), None, [], [], 2.0, -100, 0.0, "mean", False)
+        op(x, t, None, _table(-2.0), -100, 0.0, "mean", False)
+    with pytest.raises(ValueError, match="a gamma table holds 2 n . 1 values"):
+        op(x, t, None, _table(0.2, 2.0), -100, 0.0, "mean", False)
+    with pytest.raises(ValueError, match="gamma must be a 1-D float64 table"):
+        op(x, t, None, _table(2.0).float(), -100, 0.0, "mean", False)
+    with pytest.raises(ValueError, match="input must be 2-D"):
+        op(x[0], t, None, _table(2.0), -100, 0.0, "mean", False)
+    with pytest.raises(ValueError, match="input must be float32"):
+        op(x.long(), t, None, _table(2.0), -100, 0.0, "mean", False)
+    with pytest.raises(ValueError, match="target must hold class indices"):
+        op(x, t.int(), None, _table(2.0), -100, 0.0, "mean", False)
+    with pytest.raises(ValueError, match="backend must be 'native' or 'triton'"):
+        torch.ops.calibkernels.focal_loss(x, t, None, _table(2.0), -100, 0.0, "mean", "fast")
 
 
-def test_backward_without_computed_gradient_is_an_error():
-    x, t = _inputs()
-    x.requires_grad_()
-    loss, _ = torch.ops.calibkernels.focal_loss(x, t, None, [], [], 2.0, -100, 0.0, "mean", False)
-    with pytest.raises(RuntimeError, match="compute_grad=False"):
-        loss.backward()
+# ---- F.cross_entropy's signature (CONTRACT §1) ----
+
+def test_signature_is_cross_entropys_plus_keyword_only_gamma_and_backend():
+    import inspect
+
+    ours = inspect.signature(ck.focal_loss).parameters
+    torch_ = inspect.signature(torch.nn.functional.cross_entropy).parameters
+    assert list(ours)[:len(torch_)] == list(torch_)
+    for name, p in torch_.items():
+        assert ours[name].default == p.default and ours[name].kind == p.kind, name
+    assert ours["gamma"].kind == ours["backend"].kind == inspect.Parameter.KEYWORD_ONLY
+    assert ours["gamma"].default == 3.0
+    module = inspect.signature(ck.FocalLoss).parameters
+    torch_module = inspect.signature(torch.nn.CrossEntropyLoss).parameters
+    assert list(module)[:len(torch_module)] == list(torch_module)
+    assert module["gamma"].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def test_code_written_for_cross_entropy_runs_unchanged():
+    import torch.nn.functional as F
+
+    x, t = make_logits(10, 6, torch.float64, seed=3)
+    w = torch.rand(6, dtype=torch.float64) + 0.5
+    for args, kw in [((x, t, w), {}), ((x, t), dict(weight=w, ignore_index=2)),
+                     ((), dict(input=x, target=t, reduction="sum")),
+                     ((x, t, None, None, 2, None, "none", 0.1), {}),
+                     ((x, t), dict(size_average=False)), ((x, t), dict(reduce=False))]:
+        torch.testing.assert_close(ck.focal_loss(*args, **kw, gamma=0.0),
+                                   F.cross_entropy(*args, **kw))
+        module_kw = {k: v for k, v in kw.items() if k not in ("input", "target")}
+        torch.testing.assert_close(
+            ck.FocalLoss(*args[2:], **module_kw, gamma=0.0)(*(args[:2] or (x, t))),
+            torch.nn.CrossEntropyLoss(*args[2:], **module_kw)(*(args[:2] or (x, t))))
+
+
+def test_uint8_targets_and_gamma_as_numpy_scalar_or_tensor():
+    import numpy as np
+
+    x, t = make_logits(10, 6, torch.float64, seed=4)
+    expected = ck.focal_loss(x, t, gamma=2.0)
+    for gamma in [np.float32(2.0), np.float64(2.0), np.int64(2), torch.tensor(2.0),
+                  torch.tensor(2.0, dtype=torch.float64), torch.tensor([2.0]), 2]:
+        torch.testing.assert_close(ck.focal_loss(x, t, gamma=gamma), expected)
+        torch.testing.assert_close(ck.FocalLoss(gamma=gamma)(x, t), expected)
+    torch.testing.assert_close(ck.focal_loss(x, t.to(torch.uint8), gamma=2.0), expected)
+    torch.testing.assert_close(ck.focal_loss(x, t.to(torch.uint8), gamma=0.0),
+                               torch.nn.functional.cross_entropy(x, t.to(torch.uint8)))
+
+
+@pytest.mark.slow
+def test_changing_gamma_under_compile_neither_breaks_nor_recompiles_per_value():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x, t = make_logits(16, 10, torch.float32, seed=5)
+
+    def step(x, t, gamma):
+        return ck.focal_loss(x, t, gamma=gamma, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True)  # raises on a graph break
+
+    def check(gamma):
+        loss = compiled(x, t, gamma)
+        expected = step(x, t, gamma)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(torch.autograd.grad(loss, x)[0],
+                                   torch.autograd.grad(expected, x)[0])
+
+    for gamma in [1.0, 2.0, 2.5, 3.0, 0.5, 4.25, 1.5, 3.75]:
+        check(gamma)
+    # the first value is specialised, the second makes gamma dynamic: two graphs in all
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()
+    counters.clear()
+    for g in (5.0, 4.0, 6.0, 4.5):
+        check(ck.GammaSchedule((0.2,), (g,), 3.0))
+    assert counters["stats"]["unique_graphs"] <= 2

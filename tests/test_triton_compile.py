@@ -20,18 +20,26 @@ def compile_all():
 
     import calibkernels.triton_kernels as tk
 
-    fp64_args = {name: "fp64" for name in
-                 ["eps", "gamma_default"] + [f"t{i}" for i in range(8)] + [f"g{i}" for i in range(8)]}
     cases = []
     for dt, math_t in [("fp32", tl.float32), ("bf16", tl.float32), ("fp16", tl.float32),
                        ("fp64", tl.float64)]:
         acc = "fp64" if dt == "fp64" else "fp32"
-        cases.append((tk.focal_loss_rows_kernel,
-                      {"X": f"*{dt}", "TARGET": "*i64", "WEIGHT": f"*{acc}", "DIVISOR": "*fp64",
-                       "LOSS_ROWS": f"*{acc}", "GRAD": f"*{dt}", "n_classes": "i64",
-                       "ignore_index": "i64", **fp64_args},
-                      {"N_PIECES": 2, "HAS_WEIGHT": True, "HAS_GRAD": True, "SMOOTH": True,
-                       "MEAN": True, "MATH_T": math_t, "BLOCK_C": 1024}))
+        for prob in (False, True):
+            target = f"*{dt}" if prob else "*i64"
+            cases.append((tk.focal_loss_forward_kernel,
+                          {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}", "TABLE": "*fp64",
+                           "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}", "GRAD": f"*{dt}",
+                           "STATS": f"*{acc}", "n_classes": "i64", "ignore_index": "i64",
+                           "eps": "fp64"},
+                          {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": True,
+                           "DENSE": True, "MEAN": True, "MATH_T": math_t, "BLOCK_C": 1024}))
+            cases.append((tk.focal_loss_backward_kernel,
+                          {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
+                           "STATS": f"*{acc}", "GRAD_OUTPUT": f"*{acc}", "GRAD": f"*{dt}",
+                           "n_classes": "i64", "ignore_index": "i64", "eps": "fp64"},
+                          {"GO_PER_ROW": False, "SKIP_ONE": True, "PROB": prob,
+                           "HAS_WEIGHT": True, "DENSE": prob, "MATH_T": math_t,
+                           "BLOCK_C": 1024}))
         cases.append((tk.calibration_rows_kernel,
                       {"X": f"*{dt}", "TARGET": "*i64", "CONF": f"*{acc}", "CORRECT": "*i1",
                        "ROW_MAX": f"*{acc}", "ROW_SUM": f"*{acc}", "n_classes": "i64",

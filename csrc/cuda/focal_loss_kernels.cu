@@ -1,12 +1,16 @@
 // Fused focal loss on CUDA (CONTRACT §1): one subgroup of TPR threads per row. A row is read once
 // into registers when it fits (16-byte loads), its softmax statistics reduced across the subgroup,
-// and its gradient written once; longer rows stream with an online softmax and re-read only the
-// part that did not fit. No torch headers, no host synchronisation, deterministic reductions.
+// and its gradient and RowStats written once; longer rows stream with an online softmax and
+// re-read only the part that did not fit. The reduced loss is summed in the row kernel (per-block
+// partials, a ticket, the last block sums them in block order). The gradient phase (backward)
+// rewrites the gradient from the input and the RowStats. No torch headers, no host
+// synchronisation, deterministic reductions.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "focal_loss_launch.h"
@@ -14,7 +18,7 @@
 namespace calibkernels {
 namespace {
 
-constexpr int kItems = 4;           // 16-byte chunks per thread kept in registers
+constexpr int kItems = 4;             // 16-byte chunks per thread kept in registers
 constexpr int kReduceThreads = 1024;  // the single-block reductions over N
 
 // Online softmax statistics of a set of logits: its max m, how many equal m (each adds exactly 1
@@ -91,6 +95,14 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t ba
   }
 }
 
+// The probability targets of a chunk (element loads: any storage type, any alignment).
+template <typename TT, typename A, int VEC>
+__device__ __forceinline__ void load_targets(const TT* __restrict__ row, int64_t base, int64_t C,
+                                             A (&t)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) t[k] = base + k < C ? static_cast<A>(to_math(row[base + k])) : A(0);
+}
+
 template <typename T, int VEC>
 __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t base, int64_t C,
                                             bool vectorized,
@@ -150,24 +162,89 @@ __device__ __forceinline__ void for_each_chunk(const T* __restrict__ row, int64_
   }
 }
 
-template <typename T, int TPR>
+// The gradient of one chunk from its logits v (RowStats r, coef = grad_output x r.scale):
+// coef (p_k S - a_k G_k), the true class of an index target coef g_y. `fill` for a sample that
+// is ignored (0) or bad (NaN).
+template <typename A, typename TT, int VEC>
+__device__ __forceinline__ void grad_chunk(const A (&v)[VEC], int64_t base, int64_t C, int64_t y,
+                                           bool live, A fill, const RowStats<A>& r, A coef,
+                                           const TT* __restrict__ probs_row,
+                                           const A* __restrict__ w, A c1, A b, bool dense,
+                                           A (&g)[VEC]) {
+  A t[VEC];
+  if (probs_row != nullptr) load_targets<TT, A, VEC>(probs_row, base, C, t);
+  const A inv_s = A(1) / r.s;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const int64_t idx = base + k;
+    if (!live) {
+      g[k] = fill;
+    } else if (idx == y) {
+      g[k] = r.g_y * coef;
+    } else {
+      const A p_k = ck_exp(v[k] - r.m) * inv_s;
+      if (dense) {
+        const A w_k = w != nullptr && idx < C ? w[idx] : A(1);
+        const A a_k = (probs_row != nullptr ? c1 * t[k] + b : b) * w_k;
+        const A G_k = r.gamma == A(0) ? A(1) : focal_terms((v[k] - r.m) - r.log_s, r.gamma).G;
+        g[k] = (p_k * r.S - a_k * G_k) * coef;
+      } else {
+        g[k] = p_k * r.S * coef;
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void store_value(void* dst, int64_t i, DType d, double v) {
+  switch (d) {
+    case DType::Float32: static_cast<float*>(dst)[i] = static_cast<float>(v); break;
+    case DType::Float64: static_cast<double*>(dst)[i] = v; break;
+    case DType::Float16: static_cast<__half*>(dst)[i] = __double2half(v); break;
+    case DType::BFloat16:
+      static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(static_cast<float>(v));
+      break;
+  }
+}
+
+// select_gamma of the launch's schedule: from the kernel parameters, or from a table on the
+// device (read in place: a copy of the schedule would live in local memory).
+template <typename A>
+__device__ __forceinline__ A launch_gamma(const FocalLossLaunch& p, A p_y) {
+  if (p.table == nullptr) return select_gamma(p.schedule, p_y);
+  const int n = p.schedule.n;
+  double g = p.table[2 * n];
+  for (int j = 0; j < n; ++j) {
+    if (p_y < static_cast<A>(p.table[j])) {
+      g = p.table[n + j];
+      break;
+    }
+  }
+  return g >= 0.0 && g <= 1e300 ? static_cast<A>(g) : static_cast<A>(NAN);
+}
+
+template <typename T, typename TT, int TPR>
 __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
-    focal_loss_rows_kernel(const FocalLossLaunch p) {
+    focal_loss_forward_kernel(const FocalLossLaunch p) {
   using A = typename MathType<T>::type;
   constexpr int VEC = 16 / sizeof(T);
   constexpr int ROWS = (TPR < 256 ? 256 : TPR) / TPR;
   __shared__ SoftmaxState<A> smem_state[32];
   __shared__ A smem_sum[32];
+  __shared__ double smem_loss[ROWS > 32 ? ROWS : 32];
+  __shared__ bool last_block;
 
   const T* __restrict__ logits = static_cast<const T*>(p.logits);
+  const TT* __restrict__ probs = static_cast<const TT*>(p.probs);
   const A* __restrict__ w = static_cast<const A*>(p.weight);
   T* __restrict__ grad = static_cast<T*>(p.grad);
-  A* __restrict__ loss_rows = static_cast<A*>(p.loss_rows);
+  A* __restrict__ stats = static_cast<A*>(p.stats);
   const int64_t C = p.n_classes;
   const int lane = threadIdx.x % TPR;
   const A eps = static_cast<A>(p.smoothing);
-  const A b = eps / static_cast<A>(C);  // smoothed target mass of every class
-  const A scale = p.reduction == ReductionKind::Mean ? A(1) / static_cast<A>(*p.divisor) : A(1);
+  const A c1 = A(1) - eps, b = eps / static_cast<A>(C);
+  const bool dense = probs != nullptr || eps > A(0);
+  const A scale_all = p.reduction == ReductionKind::Mean ? A(1) / static_cast<A>(*p.divisor) : A(1);
+  double block_loss = 0.0;  // thread 0: this block's rows, in order
 
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * ROWS; first < p.n_rows;
        first += static_cast<int64_t>(gridDim.x) * ROWS) {
@@ -176,9 +253,10 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
     const bool active = r < p.n_rows;
     const int64_t row_i = active ? r : 0;
     const T* __restrict__ row = logits + row_i * C;
-    const int64_t y = active ? p.target[row_i] : p.ignore_index;
-    const bool ignored = y == p.ignore_index;
-    const bool bad = !ignored && (y < 0 || y >= C);  // never read or write out of bounds for it
+    const TT* __restrict__ probs_row = probs != nullptr ? probs + row_i * C : nullptr;
+    const int64_t y = p.target == nullptr ? -1 : active ? p.target[row_i] : p.ignore_index;
+    const bool ignored = p.target != nullptr && y == p.ignore_index;
+    const bool bad = p.target != nullptr && !ignored && (y < 0 || y >= C);  // never read it
     const bool live = active && !ignored && !bad;
 
     // Pass 1: softmax statistics; the first kItems chunks stay in registers.
@@ -199,153 +277,285 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
       update_state(st, v, base, C);
     }
     st = reduce_state<TPR>(st, smem_state);
-    const A m = st.m, s = st.n_max + st.rest;
-    const A log_s = log_sum_exp_shifted(st.n_max, st.rest);
+    RowStats<A> rs;
+    rs.m = st.m;
+    rs.s = st.n_max + st.rest;
+    rs.log_s = log_sum_exp_shifted(st.n_max, st.rest);
+    rs.scale = live ? scale_all : A(0);
 
-    // The true class: its gamma (from p_y, no gradient through the choice) and focal terms.
-    const A lp_y = live ? (to_math(row[y]) - m) - log_s : A(0);
-    const A p_y = ck_exp(lp_y);
-    const A gamma = select_gamma(p.schedule, p_y);
-    const FocalTerms<A> ty = focal_terms(lp_y, p_y, gamma);
-    const A w_y = live && w ? w[y] : A(1);
-    const A a1_y = (A(1) - eps) * w_y;  // the one-hot part of a_y; smoothing adds b w_y
-    A loss = a1_y * ty.f;
+    // gamma: from the true class's probability, or sum_k t_k p_k for probability targets.
+    const A lp_y = live && y >= 0 ? (to_math(row[y]) - rs.m) - rs.log_s : A(0);
+    A p_sel = ck_exp(lp_y);
+    if (probs != nullptr && p.schedule.n > 0) {
+      A part = 0;
+      if (active) {
+        for_each_chunk<T, TPR, VEC>(row, C, lane, p.vectorized, cache,
+                                    [&](int64_t base, const A(&v)[VEC]) {
+          A t[VEC];
+          load_targets<TT, A, VEC>(probs_row, base, C, t);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            if (base + k < C) part += t[k] * ck_exp(v[k] - rs.m);
+          }
+        });
+      }
+      p_sel = reduce_sum<TPR>(part, smem_sum) / rs.s;
+    }
+    rs.gamma = launch_gamma(p, p_sel);
+    const FocalTerms<A> ty = focal_terms(lp_y, ck_exp(lp_y), rs.gamma);
+    const A w_y = live && y >= 0 && w ? w[y] : A(1);
+    const bool index = y >= 0;
+    A loss = index ? c1 * w_y * ty.f : A(0);  // the one-hot part of the true class
+    A aG_y = index ? c1 * w_y * ty.G : A(0);
     A S_other = 0;
-    A aG_y = a1_y * ty.G;
 
-    // Pass 2 (label smoothing only): sum_k a_k f_k and sum_{k != y} a_k G_k.
-    if (eps > A(0)) {
+    // Pass 2 (a dense target distribution): sum_k a_k f_k and sum_{k != y} a_k G_k.
+    if (dense) {
       A sum_af = 0, sum_aG = 0;
       if (live) {
         for_each_chunk<T, TPR, VEC>(row, C, lane, p.vectorized, cache,
                                     [&](int64_t base, const A(&v)[VEC]) {
+          A t[VEC];
+          if (probs_row != nullptr) load_targets<TT, A, VEC>(probs_row, base, C, t);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             const int64_t idx = base + k;
             if (idx < C) {
-              const A a_k = b * (w ? w[idx] : A(1));
-              const FocalTerms<A> t = focal_terms((v[k] - m) - log_s, gamma);
-              sum_af += a_k * t.f;
-              if (idx != y) sum_aG += a_k * t.G;
+              const A a_k = (probs_row != nullptr ? c1 * t[k] + b : b) * (w ? w[idx] : A(1));
+              const FocalTerms<A> tk = focal_terms((v[k] - rs.m) - rs.log_s, rs.gamma);
+              sum_af += a_k * tk.f;
+              if (idx != y) sum_aG += a_k * tk.G;
             }
           }
         });
       }
       loss += reduce_sum<TPR>(sum_af, smem_sum);
       S_other = reduce_sum<TPR>(sum_aG, smem_sum);
-      aG_y += b * w_y * ty.G;
+      if (index) aG_y += b * w_y * ty.G;
+    }
+    const bool poisoned = poisoned_max(rs.m);  // as torch: x - max is inf - inf
+    rs.S = poisoned ? A(NAN) : S_other + aG_y;
+    rs.g_y = poisoned ? A(NAN) : true_class_grad(ty, S_other, aG_y);
+    const A row_loss = !active || ignored ? A(0) : (bad || poisoned ? A(NAN) : -loss);
+    if (lane == 0) {
+      if (active && p.reduction == ReductionKind::None) store_value(p.loss, row_i, p.out_dtype, row_loss);
+      smem_loss[threadIdx.x / TPR] = active ? static_cast<double>(row_loss) : 0.0;
+      if (active && grad != nullptr) {
+        A* o = stats + row_i * kRowStats;
+        o[0] = rs.m; o[1] = rs.s; o[2] = rs.log_s; o[3] = rs.gamma; o[4] = rs.S; o[5] = rs.g_y;
+        o[6] = rs.scale;
+      }
     }
 
-    if (active && lane == 0) loss_rows[row_i] = bad ? A(NAN) : (live ? -loss : A(0));
-
-    // Pass 3: the gradient, written once.
+    // Pass 3: the gradient for grad_output = 1, written once.
     if (grad != nullptr && active) {
       T* __restrict__ grow = grad + row_i * C;
-      const A S = S_other + aG_y, inv_s = A(1) / s;
-      const A g_y = true_class_grad(ty, S_other, aG_y) * scale;
       const A fill = bad ? A(NAN) : A(0);
       for_each_chunk<T, TPR, VEC>(row, C, lane, p.vectorized, cache,
                                   [&](int64_t base, const A(&v)[VEC]) {
         A g[VEC];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const int64_t idx = base + k;
-          if (!live) {
-            g[k] = fill;
-          } else if (idx == y) {
-            g[k] = g_y;
-          } else {
-            const A lp = (v[k] - m) - log_s;
-            const A p_k = ck_exp(v[k] - m) * inv_s;
-            if (eps > A(0)) {
-              const A a_k = b * (w && idx < C ? w[idx] : A(1));
-              g[k] = (p_k * S - a_k * focal_terms(lp, gamma).G) * scale;
-            } else {
-              g[k] = p_k * aG_y * scale;
-            }
-          }
-        }
+        grad_chunk<A, TT, VEC>(v, base, C, y, live, fill, rs, rs.scale, probs_row, w, c1, b,
+                               dense, g);
         store_chunk<T, VEC>(grow, base, C, p.vectorized, g);
       });
+    }
+    if (p.reduction != ReductionKind::None) {
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        for (int j = 0; j < ROWS; ++j) block_loss += smem_loss[j];
+      }
+      __syncthreads();
+    }
+  }
+  if (p.reduction == ReductionKind::None) return;
+
+  // The reduced loss: each block's partial, then the last block to finish sums them in block
+  // order (deterministic) and writes the loss in its dtype.
+  if (threadIdx.x == 0) {
+    p.partials[blockIdx.x] = block_loss;
+    __threadfence();
+    last_block = atomicAdd(p.ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  __shared__ double smem_total[256];
+  double acc = 0.0;
+  const volatile double* partials = p.partials;
+  for (unsigned j = threadIdx.x; j < gridDim.x; j += blockDim.x) acc += partials[j];
+  const int width = blockDim.x < 256 ? blockDim.x : 256;
+  if (threadIdx.x < 256) smem_total[threadIdx.x] = 0.0;
+  __syncthreads();
+  for (unsigned t = 0; t < blockDim.x; t += 256) {  // fold blockDim.x partial sums onto 256
+    if (threadIdx.x >= t && threadIdx.x < t + 256) smem_total[threadIdx.x - t] += acc;
+    __syncthreads();
+  }
+  for (int half = width / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) smem_total[threadIdx.x] += smem_total[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const double total = smem_total[0];
+    store_value(p.loss, 0, p.out_dtype,
+                p.reduction == ReductionKind::Mean ? total / *p.divisor : total);
+    *p.ticket = 0u;  // ready for the next call on this workspace
+  }
+}
+
+// Before a reduced loss: the mean's divisor, the sum of w_y over non-ignored samples (NaN if a
+// target is out of range: the loss and gradient are then NaN, never silently wrong; the number
+// of samples for probability targets), and a zeroed ticket. One block, fixed order.
+template <typename A>
+__global__ void __launch_bounds__(kReduceThreads) focal_loss_prepare_kernel(const FocalLossLaunch p) {
+  __shared__ double smem[kReduceThreads];
+  const A* __restrict__ weight = static_cast<const A*>(p.weight);
+  double acc = 0.0;
+  if (p.target != nullptr) {
+    for (int64_t i = threadIdx.x; i < p.n_rows; i += kReduceThreads) {
+      const int64_t y = p.target[i];
+      if (y == p.ignore_index) continue;
+      acc += (y < 0 || y >= p.n_classes) ? NAN : (weight ? static_cast<double>(weight[y]) : 1.0);
+    }
+  }
+  smem[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = kReduceThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) smem[threadIdx.x] += smem[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    *p.divisor = p.target != nullptr ? smem[0] : static_cast<double>(p.n_rows);
+    *p.ticket = 0u;
+  }
+}
+
+// The gradient phase: grad = grad_output x d loss / d input from the input and the RowStats.
+template <typename T, typename TT, int TPR>
+__global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
+    focal_loss_backward_kernel(const FocalLossLaunch p) {
+  using A = typename MathType<T>::type;
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int ROWS = (TPR < 256 ? 256 : TPR) / TPR;
+  const T* __restrict__ logits = static_cast<const T*>(p.logits);
+  const TT* __restrict__ probs = static_cast<const TT*>(p.probs);
+  const A* __restrict__ w = static_cast<const A*>(p.weight);
+  const A* __restrict__ stats = static_cast<const A*>(p.stats);
+  const A* __restrict__ go = static_cast<const A*>(p.grad_output);
+  T* __restrict__ grad = static_cast<T*>(p.grad);
+  const int64_t C = p.n_classes;
+  const int lane = threadIdx.x % TPR;
+  const A eps = static_cast<A>(p.smoothing);
+  const A c1 = A(1) - eps, b = eps / static_cast<A>(C);
+  const bool dense = probs != nullptr || eps > A(0);
+  const bool per_row = p.reduction == ReductionKind::None;
+  // A scalar grad_output of 1 over a stored gradient: every block exits at once.
+  if (p.skip_one && !per_row && go[0] == A(1)) return;
+
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * ROWS; first < p.n_rows;
+       first += static_cast<int64_t>(gridDim.x) * ROWS) {
+    const int64_t row_i = first + threadIdx.x / TPR;
+    if (row_i >= p.n_rows) continue;  // no shuffles below: subgroups may leave
+    const A go_i = go[per_row ? row_i : 0];
+    if (p.skip_one && go_i == A(1)) continue;
+    const T* __restrict__ row = logits + row_i * C;
+    const TT* __restrict__ probs_row = probs != nullptr ? probs + row_i * C : nullptr;
+    const int64_t y = p.target == nullptr ? -1 : p.target[row_i];
+    const bool ignored = p.target != nullptr && y == p.ignore_index;
+    const bool bad = p.target != nullptr && !ignored && (y < 0 || y >= C);
+    const A* o = stats + row_i * kRowStats;
+    const RowStats<A> rs{o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
+    const A fill = bad ? A(NAN) : A(0);
+    T* __restrict__ grow = grad + row_i * C;
+    for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C;
+         base += static_cast<int64_t>(TPR) * VEC) {
+      A v[VEC], g[VEC];
+      load_chunk<T, VEC>(row, base, C, p.vectorized, v);
+      grad_chunk<A, TT, VEC>(v, base, C, y, !ignored && !bad, fill, rs, go_i * rs.scale,
+                             probs_row, w, c1, b, dense, g);
+      store_chunk<T, VEC>(grow, base, C, p.vectorized, g);
     }
   }
 }
 
-// The mean's divisor: the sum of w_y over non-ignored samples (NaN if a target is out of range:
-// the loss and gradient are then NaN, never silently wrong). One block, fixed order: deterministic.
-template <typename A>
-__global__ void __launch_bounds__(kReduceThreads)
-    focal_loss_divisor_kernel(const int64_t* __restrict__ target, const A* __restrict__ weight,
-                              int64_t N, int64_t C, int64_t ignore_index,
-                              double* __restrict__ divisor) {
-  __shared__ double smem[kReduceThreads];
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < N; i += kReduceThreads) {
-    const int64_t y = target[i];
-    if (y == ignore_index) continue;
-    acc += (y < 0 || y >= C) ? NAN : (weight ? static_cast<double>(weight[y]) : 1.0);
-  }
-  smem[threadIdx.x] = acc;
-  __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) smem[threadIdx.x] += smem[threadIdx.x + half];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *divisor = smem[0];
-}
-
-// The reduced loss: sum of the per-row losses in double, in a fixed order, / divisor for "mean".
-template <typename A>
-__global__ void __launch_bounds__(kReduceThreads)
-    focal_loss_reduce_kernel(const A* __restrict__ loss_rows, int64_t N,
-                             const double* __restrict__ divisor, bool mean,
-                             A* __restrict__ out) {
-  __shared__ double smem[kReduceThreads];
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < N; i += kReduceThreads) acc += loss_rows[i];
-  smem[threadIdx.x] = acc;
-  __syncthreads();
-  for (int half = kReduceThreads / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) smem[threadIdx.x] += smem[threadIdx.x + half];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) *out = static_cast<A>(mean ? smem[0] / *divisor : smem[0]);
-}
-
-template <typename T, int TPR>
-void launch_rows(const FocalLossLaunch& p, cudaStream_t stream) {
+template <int TPR>
+unsigned row_grid(const FocalLossLaunch& p) {
   constexpr int threads = TPR < 256 ? 256 : TPR;
   constexpr int rows_per_block = threads / TPR;
   const int64_t blocks = (p.n_rows + rows_per_block - 1) / rows_per_block;
-  const unsigned grid = static_cast<unsigned>(blocks < INT_MAX ? blocks : INT_MAX);
-  focal_loss_rows_kernel<T, TPR><<<grid, threads, 0, stream>>>(p);
+  return static_cast<unsigned>(blocks < INT_MAX ? (blocks > 0 ? blocks : 1) : INT_MAX);
 }
 
-template <typename T>
-cudaError_t launch_typed(const FocalLossLaunch& p, cudaStream_t stream) {
-  using A = typename MathType<T>::type;
-  constexpr int64_t per_thread = (16 / sizeof(T)) * kItems;  // logits a thread keeps on chip
-  focal_loss_divisor_kernel<A><<<1, kReduceThreads, 0, stream>>>(
-      p.target, static_cast<const A*>(p.weight), p.n_rows, p.n_classes, p.ignore_index,
-      p.divisor);
-  if (p.n_rows > 0) {
-    if (p.n_classes <= 32 * per_thread) launch_rows<T, 32>(p, stream);
-    else if (p.n_classes <= 256 * per_thread) launch_rows<T, 256>(p, stream);
-    else launch_rows<T, 1024>(p, stream);
-  }
-  if (p.reduction != ReductionKind::None) {
-    focal_loss_reduce_kernel<A><<<1, kReduceThreads, 0, stream>>>(
-        static_cast<const A*>(p.loss_rows), p.n_rows, p.divisor,
-        p.reduction == ReductionKind::Mean, static_cast<A*>(p.loss));
-  }
-  return cudaGetLastError();
+// Rows per subgroup by row length: the logits a thread keeps on chip cover the row up to 1024
+// threads, then the rest streams.
+template <typename T, typename F>
+cudaError_t by_row_length(const FocalLossLaunch& p, F&& launch) {
+  constexpr int64_t per_thread = (16 / sizeof(T)) * kItems;
+  if (p.n_classes <= 32 * per_thread) return launch(std::integral_constant<int, 32>{});
+  if (p.n_classes <= 256 * per_thread) return launch(std::integral_constant<int, 256>{});
+  return launch(std::integral_constant<int, 1024>{});
+}
+
+// Calls launch(T{}, TT{}): TT the storage type of probability targets (the input's, or the math
+// type; also the math type for class indices, where it is unused).
+template <typename F>
+cudaError_t dispatch_types(const FocalLossLaunch& p, F&& launch) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = typename MathType<T>::type;
+    if constexpr (!std::is_same_v<T, A>) {
+      if (p.probs != nullptr && p.target_dtype == p.dtype) return launch(T{}, T{});
+    }
+    return launch(T{}, A{});
+  });
 }
 
 }  // namespace
 
-cudaError_t launch_focal_loss(const FocalLossLaunch& p, cudaStream_t stream) {
-  return dispatch_dtype(p.dtype,
-                        [&](auto tag) { return launch_typed<decltype(tag)>(p, stream); });
+int64_t focal_loss_row_blocks(const FocalLossLaunch& p) {
+  int64_t blocks = 1;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return by_row_length<T>(p, [&](auto tpr) {
+      blocks = row_grid<decltype(tpr)::value>(p);
+      return cudaSuccess;
+    });
+  });
+  return blocks;
+}
+
+cudaError_t launch_focal_loss_forward(const FocalLossLaunch& p, cudaStream_t stream) {
+  return dispatch_types(p, [&](auto t_tag, auto tt_tag) {
+    using T = decltype(t_tag);
+    using TT = decltype(tt_tag);
+    using A = typename MathType<T>::type;
+    if (p.reduction != ReductionKind::None) {
+      focal_loss_prepare_kernel<A><<<1, kReduceThreads, 0, stream>>>(p);
+    }
+    if (p.n_rows > 0 || p.reduction != ReductionKind::None) {
+      by_row_length<T>(p, [&](auto tpr) {
+        constexpr int TPR = decltype(tpr)::value;
+        focal_loss_forward_kernel<T, TT, TPR>
+            <<<row_grid<TPR>(p), TPR < 256 ? 256 : TPR, 0, stream>>>(p);
+        return cudaSuccess;
+      });
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_focal_loss_backward(const FocalLossLaunch& p, cudaStream_t stream) {
+  if (p.n_rows == 0) return cudaSuccess;
+  return dispatch_types(p, [&](auto t_tag, auto tt_tag) {
+    using T = decltype(t_tag);
+    using TT = decltype(tt_tag);
+    by_row_length<T>(p, [&](auto tpr) {
+      constexpr int TPR = decltype(tpr)::value;
+      focal_loss_backward_kernel<T, TT, TPR>
+          <<<row_grid<TPR>(p), TPR < 256 ? 256 : TPR, 0, stream>>>(p);
+      return cudaSuccess;
+    });
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace calibkernels

@@ -1,4 +1,4 @@
-// The CUDA focal-loss launcher: raw pointers and sizes only, so the .cu files never include torch
+// The CUDA focal-loss launchers: raw pointers and sizes only, so the .cu files never include torch
 // headers and compile in seconds (ENVIRONMENT.md).
 #pragma once
 
@@ -14,22 +14,37 @@ namespace calibkernels {
 enum class ReductionKind : int { None, Mean, Sum };
 
 struct FocalLossLaunch {
-  DType dtype;
+  DType dtype;            // the input's storage type
+  DType target_dtype;     // probability targets: the input's dtype or its math type
+  DType out_dtype;        // the loss's dtype
   const void* logits;     // (n_rows, n_classes), contiguous, dtype
-  const int64_t* target;  // (n_rows)
+  const int64_t* target;  // class indices (n_rows), or null
+  const void* probs;      // class probabilities (n_rows, n_classes), target_dtype, or null
   const void* weight;     // (n_classes) in the math type (float, or double for Float64); or null
   int64_t n_rows, n_classes, ignore_index;
-  GammaSchedule schedule;
+  GammaSchedule schedule;  // from a CPU table, or:
+  const double* table;     // a table on the device (2 schedule.n + 1 values), read there; or null
   double smoothing;
   ReductionKind reduction;
   bool vectorized;  // every row starts 16-byte aligned: n_classes * size % 16 == 0, aligned bases
-  void* loss_rows;  // (n_rows) in the math type: per-row loss
-  void* loss;       // () in the math type: the reduced loss (unused for ReductionKind::None)
+  // forward
+  void* loss;       // out_dtype: (n_rows) for ReductionKind::None, else ()
   void* grad;       // (n_rows, n_classes) in dtype, or null
-  double* divisor;  // () workspace: the mean's divisor, sum of w_y over non-ignored samples
+  void* stats;      // (n_rows, kRowStats) in the math type, written with grad
+  double* divisor;  // () workspace: the mean's divisor (sum of w_y over non-ignored samples)
+  double* partials;       // (row blocks) workspace: per-block loss sums, summed in block order
+  unsigned int* ticket;   // () workspace: blocks done (the prepare kernel zeroes it)
+  // backward (the gradient phase): grad = grad_output x d loss / d input, into `grad`
+  const void* grad_output;  // math type: (n_rows) for ReductionKind::None, else one value
+  bool skip_one;            // `grad` holds the forward's gradient: rows whose grad_output is 1
+                            // are left as they are (decided on the device)
 };
 
-// Enqueues the kernels on `stream`; returns the launch status (no host synchronisation).
-cudaError_t launch_focal_loss(const FocalLossLaunch& args, cudaStream_t stream);
+// The row blocks of the forward kernel (the size of the partials workspace).
+int64_t focal_loss_row_blocks(const FocalLossLaunch& p);
+
+// Enqueue the kernels on `stream`; return the launch status (no host synchronisation).
+cudaError_t launch_focal_loss_forward(const FocalLossLaunch& p, cudaStream_t stream);
+cudaError_t launch_focal_loss_backward(const FocalLossLaunch& p, cudaStream_t stream);
 
 }  // namespace calibkernels

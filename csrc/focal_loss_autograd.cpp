@@ -1,0 +1,224 @@
+// calibkernels::focal_loss, the differentiable op: autograd in C++ (one node, no Python in the
+// training loop), autocast (a float32 loss without a float32 copy of the logits), and the routes
+// to the composite formula where the fused kernels cannot serve (CONTRACT §1, Backward).
+#include <ATen/FuncTorchTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "ops.h"
+
+namespace calibkernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+    int64_t, double, c10::string_view, bool, std::optional<at::ScalarType>);
+using BackwardOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, const at::Tensor&,
+                              const at::Tensor&, int64_t, double, c10::string_view);
+using BackwardInplaceOp = void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const std::optional<at::Tensor>&,
+                               const at::Tensor&, const at::Tensor&, int64_t, double,
+                               c10::string_view);
+using AtenOp = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                          const at::Tensor&, int64_t, double, c10::string_view);
+
+// The phase ops of a backend: "native" (csrc/, the kernels of the input's device) or "triton"
+// (calibkernels/triton_ops.py registers them when a Triton kernel is first used).
+struct PhaseOps {
+  c10::TypedOperatorHandle<ForwardOp> forward;
+  c10::TypedOperatorHandle<BackwardOp> backward;
+  c10::TypedOperatorHandle<BackwardInplaceOp> backward_;
+};
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK_VALUE(handle.has_value(), "calibkernels: the op ", name, " is not registered; the "
+                    "Triton kernels register when calibkernels.focal_loss(..., backend=\"triton\")"
+                    " is first called (they need triton installed)");
+  return handle->typed<Sig>();
+}
+
+const PhaseOps& phase_ops(c10::string_view backend) {
+  if (backend == "native") {
+    static const PhaseOps native{find_op<ForwardOp>("calibkernels::focal_loss_forward"),
+                                 find_op<BackwardOp>("calibkernels::focal_loss_backward"),
+                                 find_op<BackwardInplaceOp>("calibkernels::focal_loss_backward_")};
+    return native;
+  }
+  TORCH_CHECK_VALUE(backend == "triton", "focal_loss: backend must be 'native' or 'triton', got '",
+                    std::string(backend), "'");
+  static const PhaseOps triton{
+      find_op<ForwardOp>("calibkernels::focal_loss_forward_triton"),
+      find_op<BackwardOp>("calibkernels::focal_loss_backward_triton"),
+      find_op<BackwardInplaceOp>("calibkernels::focal_loss_backward_triton_")};
+  return triton;
+}
+
+at::Tensor aten_loss(const at::Tensor& input, const at::Tensor& target,
+                     const std::optional<at::Tensor>& weight, const at::Tensor& gamma,
+                     int64_t ignore_index, double label_smoothing, c10::string_view reduction) {
+  static const auto op = find_op<AtenOp>("calibkernels::focal_loss_aten");
+  return op.call(input, target, weight, gamma, ignore_index, label_smoothing, reduction);
+}
+
+// A tensor the kernels can take as it is: no fake, functional or functorch wrapper (those mean the
+// call is being traced, and the backward must be functional).
+bool is_plain(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet wrappers({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                          c10::DispatchKey::FuncTorchGradWrapper,
+                                          c10::DispatchKey::FuncTorchBatched});
+  return t.defined() && t.has_storage() && !t.key_set().has_any(wrappers);
+}
+
+struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, const at::Tensor& gamma,
+                            int64_t ignore_index, double label_smoothing,
+                            c10::string_view reduction, c10::string_view backend,
+                            std::optional<at::ScalarType> dtype, bool compute_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, grad, stats] = phase_ops(backend).forward.call(
+        input, target, weight, gamma, ignore_index, label_smoothing, reduction, compute_grad,
+        dtype);
+    ctx->set_materialize_grads(false);
+    if (compute_grad) {
+      // The forward's gradient (grad_output = 1) is `grad`; the input and the row statistics let
+      // backward write any other grad_output's gradient, rounded once.
+      ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), gamma, stats, grad});
+      ctx->saved_data["ignore_index"] = ignore_index;
+      ctx->saved_data["label_smoothing"] = label_smoothing;
+      ctx->saved_data["reduction"] = std::string(reduction);
+      ctx->saved_data["backend"] = std::string(backend);
+      ctx->saved_data["grad_handed_out"] = false;
+    }
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(10);
+    const at::Tensor& go = grads[0];
+    if (!go.defined()) return out;
+    TORCH_CHECK(ctx->saved_data.count("backend"),
+                "calibkernels.focal_loss: backward through a call that computed no gradient "
+                "(the input did not require grad when it ran)");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &target = saved[1], &gamma = saved[3], &stats = saved[4];
+    const std::optional<at::Tensor> weight =
+        saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const double eps = ctx->saved_data["label_smoothing"].toDouble();
+    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the gradient must itself be differentiable, so it comes from the
+      // composite formula, differentiated by autograd (exact second-order terms).
+      const at::Tensor loss = aten_loss(input, target, weight, gamma, ignore_index, eps, reduction);
+      out[0] = torch::autograd::grad({loss}, {input}, {go.to(loss.scalar_type())},
+                                     /*retain_graph=*/true, /*create_graph=*/true)[0];
+      return out;
+    }
+    const PhaseOps& ops = phase_ops(ctx->saved_data["backend"].toStringRef());
+    at::Tensor grad = saved[5];
+    if (!ctx->saved_data["grad_handed_out"].toBool() && is_plain(go) && is_plain(grad)) {
+      // The first backward: the stored gradient is the answer, rewritten in place only where
+      // grad_output is not 1 (on CUDA decided on the device). Below ADInplaceOrView: the buffer
+      // is ours, and its version must not change under autograd's feet.
+      ctx->saved_data["grad_handed_out"] = true;
+      at::AutoDispatchBelowADInplaceOrView guard;
+      ops.backward_.call(grad, go, input, target, weight, gamma, stats, ignore_index, eps,
+                         reduction);
+      out[0] = grad;
+    } else {
+      // Later backwards (retain_graph), or a traced graph: a fresh gradient, one read and write.
+      out[0] = ops.backward.call(go, input, target, weight, gamma, stats, ignore_index, eps,
+                                 reduction);
+    }
+    return out;
+  }
+};
+
+// Forward-mode AD and torch.func transforms differentiate the composite formula themselves, and
+// so does autograd where a gradient must reach the class weights or probability targets.
+bool in_functorch_transform() {
+  // The check C++ autograd Functions make (FuncTorchTLS): it raises inside a transform.
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return false;
+  try {
+    tls->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
+bool needs_composite(const at::Tensor& input, const at::Tensor& target,
+                     const std::optional<at::Tensor>& weight) {
+  const bool soft = target.is_floating_point();
+  if (in_functorch_transform() ||
+      input._fw_grad(/*level=*/0).defined() || (soft && target._fw_grad(/*level=*/0).defined())) {
+    return true;
+  }
+  return at::GradMode::is_enabled() &&
+         ((weight.has_value() && weight->requires_grad()) || (soft && target.requires_grad()));
+}
+
+at::Tensor focal_loss_autograd(const at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, const at::Tensor& gamma,
+                               int64_t ignore_index, double label_smoothing,
+                               c10::string_view reduction, c10::string_view backend,
+                               std::optional<at::ScalarType> dtype) {
+  if (needs_composite(input, target, weight)) {
+    const at::Tensor loss =
+        aten_loss(input, target, weight, gamma, ignore_index, label_smoothing, reduction);
+    return loss.to(dtype.value_or(input.scalar_type()));
+  }
+  const bool compute_grad = at::GradMode::is_enabled() && input.requires_grad();
+  return FocalLossFunction::apply(input, target, weight, gamma, ignore_index, label_smoothing,
+                                  reduction, backend, dtype, compute_grad);
+}
+
+// Below autograd (inference mode, or autograd excluded): the forward phase alone.
+at::Tensor focal_loss_forward_only(const at::Tensor& input, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& gamma, int64_t ignore_index,
+                                   double label_smoothing, c10::string_view reduction,
+                                   c10::string_view backend, std::optional<at::ScalarType> dtype) {
+  return std::get<0>(phase_ops(backend).forward.call(input, target, weight, gamma, ignore_index,
+                                                     label_smoothing, reduction, false, dtype));
+}
+
+// Under autocast the loss is float32, as F.cross_entropy's (float64 input stays float64), and the
+// logits are read in their own dtype: no cast, no copy.
+at::Tensor focal_loss_autocast(const at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, const at::Tensor& gamma,
+                               int64_t ignore_index, double label_smoothing,
+                               c10::string_view reduction, c10::string_view backend,
+                               std::optional<at::ScalarType> dtype) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("calibkernels::focal_loss", "").typed<
+          at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                     const at::Tensor&, int64_t, double, c10::string_view, c10::string_view,
+                     std::optional<at::ScalarType>)>();
+  return op.call(input, target, weight, gamma, ignore_index, label_smoothing, reduction, backend,
+                 dtype.value_or(math_type(input.scalar_type())));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(calibkernels, Autograd, m) { m.impl("focal_loss", &focal_loss_autograd); }
+TORCH_LIBRARY_IMPL(calibkernels, CompositeExplicitAutograd, m) {
+  m.impl("focal_loss", &focal_loss_forward_only);
+}
+TORCH_LIBRARY_IMPL(calibkernels, AutocastCPU, m) { m.impl("focal_loss", &focal_loss_autocast); }
+TORCH_LIBRARY_IMPL(calibkernels, AutocastCUDA, m) { m.impl("focal_loss", &focal_loss_autocast); }
+
+}  // namespace calibkernels
