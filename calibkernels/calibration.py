@@ -1,7 +1,9 @@
 """Histogram-binned calibration metrics (CONTRACT §2) on the fused calibration_bins op: ECE, MCE,
-RMSCE, classwise ECE, AdaECE and the reliability-diagram table; and a streaming meter whose
+RMSCE, classwise ECE, AdaECE, Brier score, NLL and the reliability-diagram table; the whole
+report and the temperature sweep from one read of the logits; and a streaming meter whose
 O(n_bins) state all-reduces across torch.distributed."""
 
+import operator
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -10,36 +12,74 @@ import torch
 from . import ops
 
 NORMS = ("l1", "max", "l2")
+# calibration_bins' mode argument (csrc/ops.h): from_logits=None decides from the values
+_MODES = {None: -1, True: 1, False: 0}
+
+
+_BOUNDARIES = {}
 
 
 def bin_boundaries(n_bins: int, device=None) -> torch.Tensor:
-    """The float32 boundaries every backend compares against: torch.linspace(0, 1, n_bins + 1)."""
-    return torch.linspace(0, 1, n_bins + 1, dtype=torch.float32, device=device)
+    """The float32 boundaries every backend compares against: torch.linspace(0, 1, n_bins + 1)
+    computed on the CPU (as the paper's code has them; a GPU's linspace may round otherwise), one
+    copy per device, made once."""
+    device = torch.device("cpu" if device is None else device)
+    key = (n_bins, device)
+    if key not in _BOUNDARIES:
+        cpu = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)
+        _BOUNDARIES[key] = cpu.to(device)
+    return _BOUNDARIES[key]
 
 
-def _check(input, target, n_bins, from_logits, norm=None):
+def as_n_bins(n_bins, what="calibration") -> int:
+    """n_bins as an int >= 1: a Python or NumPy integer, or a 0-d integer tensor."""
+    try:
+        if isinstance(n_bins, bool):
+            raise TypeError
+        value = operator.index(n_bins)
+    except TypeError:
+        raise ValueError(f"{what}: n_bins must be an integer >= 1, got {n_bins!r}") from None
+    if value < 1:
+        raise ValueError(f"{what}: n_bins must be an integer >= 1, got {value}")
+    return value
+
+
+def _mode(from_logits, what="calibration"):
+    if from_logits is not None and not isinstance(from_logits, bool):
+        raise ValueError(f"{what}: from_logits must be True, False or None (decide from the "
+                         f"values, as torchmetrics), got {from_logits!r}")
+    return _MODES[from_logits]
+
+
+def as_rows(input, target, what="calibration"):
+    """Logits or probabilities of shape (N, C), (N, C, d1, ..., dk) or (C,) and class-index targets
+    of shape (N), (N, d1, ..., dk) or (), as rows (N·d1···dk, C) and (N·d1···dk): each position is
+    a sample, the class dimension is 1 (as the loss's)."""
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise ValueError("calibration: logits / probabilities and target must be tensors")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"calibration: n_bins must be an int >= 1, got {n_bins!r}")
-    if norm is not None and norm not in NORMS:
-        raise ValueError(f"calibration: norm must be one of {NORMS}, got {norm!r}")
+        raise ValueError(f"{what}: logits / probabilities and target must be tensors")
     if not input.is_floating_point():
-        raise ValueError(f"calibration: logits / probabilities must be floating, got {input.dtype}")
-    if input.dim() != 2:
-        raise ValueError(f"calibration: logits / probabilities must be 2-D (N, C), got shape "
-                         f"{tuple(input.shape)}")
-    if target.dtype != torch.int64 or tuple(target.shape) != (input.shape[0],):
-        raise ValueError(f"calibration: target must hold int64 class indices of shape "
-                         f"({input.shape[0]},), got {target.dtype} of shape {tuple(target.shape)}")
-    if not isinstance(from_logits, bool):
-        raise ValueError(f"calibration: from_logits must be a bool, got {from_logits!r}")
+        raise ValueError(f"{what}: logits / probabilities must be floating, got {input.dtype}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise ValueError(f"{what}: target must hold class indices (int64 or uint8), got "
+                         f"{target.dtype}")
+    if input.dim() == 0:
+        raise ValueError(f"{what}: logits / probabilities need a class dimension")
+    expected = (input.shape[0],) + tuple(input.shape[2:]) if input.dim() >= 2 else ()
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{what}: target must have shape {expected} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    if input.dim() == 1:
+        return input.unsqueeze(0), target.reshape(1)
+    if input.dim() > 2:
+        input = input.movedim(1, -1).reshape(-1, input.shape[1])
+    return input, target.reshape(-1)
 
 
 @dataclass
 class CalibrationState:
-    """Per-bin sums: counts and hits (correct predictions) are int64, conf_sums float64. The
-    classwise fields are (C, n_bins) with hits counting samples of class k, or None."""
+    """Per-bin sums: counts and hits (correct predictions) are int64, conf_sums float64; the
+    classwise fields are (C, n_bins) with hits counting samples of class k, or None; brier and
+    nll are float64 sums over the samples."""
 
     counts: torch.Tensor
     conf_sums: torch.Tensor
@@ -47,6 +87,8 @@ class CalibrationState:
     cw_counts: Optional[torch.Tensor] = None
     cw_conf_sums: Optional[torch.Tensor] = None
     cw_hits: Optional[torch.Tensor] = None
+    brier: Optional[torch.Tensor] = None
+    nll: Optional[torch.Tensor] = None
 
     def __add__(self, other: "CalibrationState") -> "CalibrationState":
         def add(a, b):
@@ -54,19 +96,24 @@ class CalibrationState:
         return CalibrationState(*(add(getattr(self, f.name), getattr(other, f.name))
                                   for f in fields(self)))
 
+    def to(self, device) -> "CalibrationState":
+        return CalibrationState(*(None if t is None else t.to(device)
+                                  for t in (getattr(self, f.name) for f in fields(self))))
+
     @property
     def n_samples(self) -> torch.Tensor:
         return self.counts.sum()
 
-
-def calibration_bins(input, target, n_bins=15, *, from_logits=True, ignore_index=-100,
-                     classwise=False, backend="auto"):
-    """The binned state of one batch, from the fused kernel (reads the logits once)."""
-    _check(input, target, n_bins, from_logits)
-    op = _op(backend, input)
-    out = op(input, target, bin_boundaries(n_bins, input.device), from_logits, int(ignore_index),
-             classwise, False)
-    return CalibrationState(out[0], out[1], out[2], *(out[3:6] if classwise else (None,) * 3))
+    @classmethod
+    def zeros(cls, n_bins, n_classes=None, device=None):
+        i64 = dict(dtype=torch.int64, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        cw = () if n_classes is None else (torch.zeros(n_classes, n_bins, **i64),
+                                           torch.zeros(n_classes, n_bins, **f64),
+                                           torch.zeros(n_classes, n_bins, **i64))
+        return cls(torch.zeros(n_bins, **i64), torch.zeros(n_bins, **f64),
+                   torch.zeros(n_bins, **i64), *(cw or (None,) * 3),
+                   torch.zeros((), **f64), torch.zeros((), **f64))
 
 
 def _op(backend, x):
@@ -78,7 +125,29 @@ def _op(backend, x):
     backend = resolve_backend(backend, x.device, "calibration", x.shape[-1] * x.element_size())
     if backend == "torch":
         raise ValueError(f"calibration: no fused kernel for {x.device} tensors")
-    return ops.calibration_bins_triton if backend == "triton" else ops.calibration_bins
+    if backend == "triton":
+        ops.load_triton()
+        return ops.calibration_bins_triton
+    return ops.calibration_bins
+
+
+def _bins(rows, target, n_bins, from_logits, ignore_index, classwise, per_sample, backend):
+    """calibration_bins on rows: (CalibrationState, confidence, correct)."""
+    out = _op(backend, rows)(rows, target, bin_boundaries(n_bins, rows.device),
+                             _mode(from_logits), int(ignore_index), classwise, per_sample)
+    state = CalibrationState(out[0], out[1], out[2],
+                             *(out[3:6] if classwise else (None,) * 3), out[8][0], out[8][1])
+    return state, out[6], out[7]
+
+
+def calibration_bins(input, target, n_bins=15, *, from_logits=None, ignore_index=-100,
+                     classwise=False, backend="auto"):
+    """The binned state of one batch, from the fused kernel (reads the input once).
+    from_logits=None reads the input as probabilities when every value of a non-ignored sample
+    lies in [0, 1] and as logits otherwise (torchmetrics' rule); True / False force either."""
+    n_bins = as_n_bins(n_bins)
+    rows, target = as_rows(input, target)
+    return _bins(rows, target, n_bins, from_logits, ignore_index, classwise, False, backend)[0]
 
 
 def binned_error(counts, conf_sums, hits, norm="l1"):
@@ -96,87 +165,103 @@ def binned_error(counts, conf_sums, hits, norm="l1"):
     return torch.where(n.squeeze(-1) > 0, err, float("nan"))
 
 
-def calibration_error(logits_or_probs, target, n_bins=15, norm="l1", from_logits=True,
+def calibration_error(logits_or_probs, target, n_bins=15, norm="l1", from_logits=None,
                       ignore_index=-100, *, backend="auto"):
     """Top-label calibration error with equal-width bins (lo, hi]: norm "l1" is the ECE, "max"
     the MCE, "l2" the RMSCE. Samples whose target is ignore_index are left out."""
-    _check(logits_or_probs, target, n_bins, from_logits, norm)
+    if norm not in NORMS:
+        raise ValueError(f"calibration: norm must be one of {NORMS}, got {norm!r}")
     s = calibration_bins(logits_or_probs, target, n_bins, from_logits=from_logits,
                          ignore_index=ignore_index, backend=backend)
     return binned_error(s.counts, s.conf_sums, s.hits, norm)
 
 
-def ece(logits_or_probs, target, n_bins=15, from_logits=True, ignore_index=-100, **kw):
+def ece(logits_or_probs, target, n_bins=15, from_logits=None, ignore_index=-100, **kw):
     """Expected calibration error (Guo et al. 2017; the paper's ECE)."""
     return calibration_error(logits_or_probs, target, n_bins, "l1", from_logits, ignore_index, **kw)
 
 
-def mce(logits_or_probs, target, n_bins=15, from_logits=True, ignore_index=-100, **kw):
+def mce(logits_or_probs, target, n_bins=15, from_logits=None, ignore_index=-100, **kw):
     """Maximum calibration error over non-empty bins."""
     return calibration_error(logits_or_probs, target, n_bins, "max", from_logits, ignore_index,
                              **kw)
 
 
-def rmsce(logits_or_probs, target, n_bins=15, from_logits=True, ignore_index=-100, **kw):
+def rmsce(logits_or_probs, target, n_bins=15, from_logits=None, ignore_index=-100, **kw):
     """Root-mean-square calibration error."""
     return calibration_error(logits_or_probs, target, n_bins, "l2", from_logits, ignore_index,
                              **kw)
 
 
 def classwise_ece_from_state(cw_counts, cw_conf_sums, cw_hits):
+    """The mean over all C classes of each class's ECE (NaN when there is no sample)."""
     return binned_error(cw_counts, cw_conf_sums, cw_hits, "l1").mean()
 
 
-def classwise_ece(logits_or_probs, target, n_bins=15, from_logits=True, ignore_index=-100, *,
+def classwise_ece(logits_or_probs, target, n_bins=15, from_logits=None, ignore_index=-100, *,
                   backend="auto"):
     """The paper's classwise ECE: for each class k, p_ik of every sample binned as above, the
-    accuracy of a bin being the fraction of its samples of class k; the mean over classes."""
+    accuracy of a bin being the fraction of its samples of class k; the mean over all C classes
+    (the paper's code averages over max(target) + 1 classes)."""
     s = calibration_bins(logits_or_probs, target, n_bins, from_logits=from_logits,
                          ignore_index=ignore_index, classwise=True, backend=backend)
     return classwise_ece_from_state(s.cw_counts, s.cw_conf_sums, s.cw_hits)
 
 
-def per_sample(logits_or_probs, target, *, from_logits=True, ignore_index=-100, backend="auto"):
+def per_sample(logits_or_probs, target, *, from_logits=None, ignore_index=-100, backend="auto"):
     """(confidence, correct) of every non-ignored sample, from the fused kernel."""
-    _check(logits_or_probs, target, 1, from_logits)
-    out = _op(backend, logits_or_probs)(
-        logits_or_probs, target, bin_boundaries(1, logits_or_probs.device), from_logits,
-        int(ignore_index), False, True)
+    rows, target = as_rows(logits_or_probs, target)
+    _, conf, correct = _bins(rows, target, 1, from_logits, ignore_index, False, True, backend)
     keep = target != ignore_index
-    return out[6][keep], out[7][keep]
+    return conf[keep], correct[keep]
+
+
+def _interp_at_ranks(sorted_conf, n_bins):
+    """The paper's AdaECE edges, np.interp(np.linspace(0, N, n_bins + 1), np.arange(N), sorted)
+    in float64, with numpy's arithmetic (slope (f[j+1] - f[j]) / 1, then slope (x - j) + f[j])."""
+    n = sorted_conf.numel()
+    f = sorted_conf.double()
+    pos = torch.linspace(0, n, n_bins + 1, dtype=torch.float64, device=f.device)
+    j = pos.floor().clamp(max=n - 1).long()
+    nxt = (j + 1).clamp(max=n - 1)
+    edges = (f[nxt] - f[j]) * (pos - j.double()) + f[j]
+    return torch.where(pos >= n - 1, f[n - 1], edges)
 
 
 def adaptive_ece_from_samples(confidence, correct, n_bins=15):
-    """AdaECE: sort the confidences (stable), split them into n_bins contiguous groups whose sizes
-    differ by at most one (torch.tensor_split's sizes), ECE over those groups. Every sample
-    counts (the paper's code drops those equal to the smallest confidence)."""
+    """AdaECE over the paper's groups (Mukhoti et al., code Metrics/metrics.py): edges interpolated
+    at ranks i·N/n_bins of the sorted confidences in float64, compared with the confidences in
+    their own dtype (float32, as the paper's code compares a float32 tensor with the edges), bins
+    (lo, hi] so that tied confidences stay in one group, and the first bin closed: the paper's
+    code drops the samples equal to the smallest confidence; every sample counts here."""
+    n_bins = as_n_bins(n_bins, "adaptive_ece")
     n = confidence.numel()
-    if n == 0:
+    if n == 0 or bool(confidence.isnan().any()):
         return torch.tensor(float("nan"), dtype=torch.float64, device=confidence.device)
     conf, order = torch.sort(confidence, stable=True)
     hit = correct[order].double()
-    base, extra = divmod(n, n_bins)
-    sizes = torch.full((n_bins,), base, dtype=torch.int64, device=conf.device)
-    sizes[:extra] += 1
-    ends = sizes.cumsum(0)
-    # Group sums from prefix sums (a scan: deterministic on every device).
+    edges = _interp_at_ranks(conf, n_bins).to(conf.dtype)
+    # samples at or below each edge (the sorted order makes each group a contiguous slice)
+    upto = torch.searchsorted(conf, edges, right=True)
+    upto[0] = 0  # the first bin is closed: it starts at the first sample
+    starts, ends = upto[:-1], upto[1:]
+    sizes = ends - starts
     conf_cum = torch.cat([conf.new_zeros(1, dtype=torch.float64), conf.double().cumsum(0)])
     hit_cum = torch.cat([hit.new_zeros(1), hit.cumsum(0)])
-    conf_sum = conf_cum[ends] - conf_cum[ends - sizes]
-    hit_sum = hit_cum[ends] - hit_cum[ends - sizes]
-    return binned_error(sizes, conf_sum, hit_sum, "l1")
+    return binned_error(sizes, conf_cum[ends] - conf_cum[starts], hit_cum[ends] - hit_cum[starts],
+                        "l1")
 
 
-def adaptive_ece(logits_or_probs, target, n_bins=15, from_logits=True, ignore_index=-100, *,
+def adaptive_ece(logits_or_probs, target, n_bins=15, from_logits=None, ignore_index=-100, *,
                  backend="auto"):
-    """Adaptive (equal-mass) ECE of the paper, counting every sample."""
-    _check(logits_or_probs, target, n_bins, from_logits)
+    """Adaptive (equal-mass) ECE with the paper's groups, counting every sample."""
+    n_bins = as_n_bins(n_bins)
     conf, correct = per_sample(logits_or_probs, target, from_logits=from_logits,
                                ignore_index=ignore_index, backend=backend)
     return adaptive_ece_from_samples(conf, correct, n_bins)
 
 
-def reliability_table(logits_or_probs, target, n_bins=15, from_logits=True, ignore_index=-100,
+def reliability_table(logits_or_probs, target, n_bins=15, from_logits=None, ignore_index=-100,
                       *, backend="auto"):
     """Per bin: lower and upper edge, count, mean confidence and accuracy (NaN where empty)."""
     s = calibration_bins(logits_or_probs, target, n_bins, from_logits=from_logits,
@@ -194,6 +279,61 @@ def table_from_state(s: CalibrationState):
             "accuracy": torch.where(empty, nan, s.hits.double() / safe)}
 
 
+def report_from_state(s: CalibrationState, samples=None):
+    """Every metric of a binned state, as float64 tensors (n: int64); AdaECE when the samples
+    (confidence, correct) are given."""
+    n = s.n_samples
+    nd = n.double()
+    out = {"ece": binned_error(s.counts, s.conf_sums, s.hits, "l1"),
+           "mce": binned_error(s.counts, s.conf_sums, s.hits, "max"),
+           "rmsce": binned_error(s.counts, s.conf_sums, s.hits, "l2"),
+           "brier": s.brier / nd, "nll": s.nll / nd, "accuracy": s.hits.sum().double() / nd,
+           "n": n}
+    if s.cw_counts is not None:
+        out["classwise_ece"] = classwise_ece_from_state(s.cw_counts, s.cw_conf_sums, s.cw_hits)
+    if samples is not None:
+        out["adaptive_ece"] = adaptive_ece_from_samples(*samples, s.counts.numel())
+    return out
+
+
+def calibration_report(logits_or_probs, target, n_bins=15, *, from_logits=None,
+                       ignore_index=-100, backend="auto"):
+    """Every metric at once: {"ece", "mce", "rmsce", "classwise_ece", "adaptive_ece", "brier",
+    "nll", "accuracy", "n"}, all but AdaECE's sort from one fused read of the input (float64
+    tensors; n the number of samples counted)."""
+    n_bins = as_n_bins(n_bins)
+    rows, target = as_rows(logits_or_probs, target)
+    state, conf, correct = _bins(rows, target, n_bins, from_logits, ignore_index, True, True,
+                                 backend)
+    keep = target != ignore_index
+    return report_from_state(state, (conf[keep], correct[keep]))
+
+
+def calibration_sweep(logits, target, temperatures, n_bins=15, *, ignore_index=-100,
+                      backend="auto"):
+    """ECE and NLL of softmax(logits / T) at each of K <= 256 temperatures, from one read of the
+    logits: {"ece": (K,), "nll": (K,)} float64 tensors (the paper's temperature search evaluates
+    100 temperatures, one pass each)."""
+    n_bins = as_n_bins(n_bins, "calibration_sweep")
+    rows, target = as_rows(logits, target, "calibration_sweep")
+    temps = torch.as_tensor(temperatures, dtype=torch.float64).detach().cpu().reshape(-1)
+    if not 1 <= temps.numel() <= 256:
+        raise ValueError(f"calibration_sweep: 1 to 256 temperatures, got {temps.numel()}")
+    from .focal_loss import resolve_backend
+
+    kernel = resolve_backend(backend, rows.device, "calibration",
+                             rows.shape[-1] * rows.element_size())
+    if kernel == "torch":
+        raise ValueError(f"calibration_sweep: no fused kernel for {rows.device} tensors")
+    if kernel == "triton":
+        ops.load_triton()
+    op = ops.calibration_sweep_triton if kernel == "triton" else ops.calibration_sweep
+    counts, conf_sums, hits, nll = op(rows, target, temps, bin_boundaries(n_bins, rows.device),
+                                      int(ignore_index))
+    n = counts[0].sum().double()
+    return {"ece": binned_error(counts, conf_sums, hits, "l1"), "nll": nll / n}
+
+
 class CalibrationMeter:
     """Streaming calibration metrics: update() per batch, compute() at the end.
 
@@ -201,78 +341,115 @@ class CalibrationMeter:
     numbers over torch.distributed (gloo or nccl) and every rank then holds the global state:
     integer counts exactly, float64 sums to within rounding (1e-12). AdaECE (adaptive=True) is
     exact, and so needs every sample's confidence and correctness: 5 bytes a sample, gathered
-    from every rank by sync().
+    from every rank by sync(). update() adds no host synchronisation on the GPU: the
+    logits-or-probabilities rule is decided on the device, and ignored samples are dropped from
+    the AdaECE samples only when they are read.
     """
 
-    def __init__(self, n_bins=15, *, from_logits=True, ignore_index=-100, classwise=False,
-                 adaptive=False, backend="auto"):
-        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-            raise ValueError(f"CalibrationMeter: n_bins must be an int >= 1, got {n_bins!r}")
-        self.n_bins, self.from_logits, self.ignore_index = n_bins, from_logits, ignore_index
+    def __init__(self, n_bins=15, *, from_logits=None, ignore_index=-100, classwise=False,
+                 adaptive=False, backend="auto", device=None):
+        self.n_bins = as_n_bins(n_bins, "CalibrationMeter")
+        _mode(from_logits, "CalibrationMeter")
+        self.from_logits, self.ignore_index = from_logits, ignore_index
         self.classwise, self.adaptive, self.backend = classwise, adaptive, backend
+        self.device = None if device is None else torch.device(device)
         self.reset()
 
     def reset(self):
-        self.state: Optional[CalibrationState] = None
-        self._samples = []  # (confidence, correct) chunks, for AdaECE
-        self._synced = False
+        self.state: Optional[CalibrationState] = None  # this rank's own updates
+        self._samples = []  # (confidence, correct, keep) per update, for AdaECE
+        self._synced = None  # (global state, global samples) after sync(), until the next update
+        return self
 
     @torch.no_grad()
     def update(self, logits_or_probs, target):
-        _check(logits_or_probs, target, self.n_bins, self.from_logits)
-        if self._synced:
-            raise RuntimeError("CalibrationMeter: update() after sync(); reset() first")
-        out = _op(self.backend, logits_or_probs)(
-            logits_or_probs, target, bin_boundaries(self.n_bins, logits_or_probs.device),
-            self.from_logits, int(self.ignore_index), self.classwise, self.adaptive)
-        s = CalibrationState(out[0], out[1], out[2],
-                             *(out[3:6] if self.classwise else (None,) * 3))
+        rows, target = as_rows(logits_or_probs, target, "CalibrationMeter")
+        s, conf, correct = _bins(rows, target, self.n_bins, self.from_logits, self.ignore_index,
+                                 self.classwise, self.adaptive, self.backend)
         if self.state is not None and self.classwise and \
                 s.cw_counts.shape != self.state.cw_counts.shape:
             raise ValueError(f"CalibrationMeter: {s.cw_counts.shape[0]} classes in this batch, "
                              f"{self.state.cw_counts.shape[0]} before")
-        self.state = s if self.state is None else self.state + s
+        self.state = s if self.state is None else self.state + s.to(self.state.counts.device)
         if self.adaptive:
-            keep = target != self.ignore_index
-            self._samples.append((out[6][keep], out[7][keep]))
+            self._samples.append((conf, correct, target != self.ignore_index))
+        self._synced = None
+        return self
+
+    def _local_samples(self):
+        dev = self.state.counts.device if self.state is not None else (self.device or "cpu")
+        if not self._samples:
+            return torch.empty(0, device=dev), torch.empty(0, dtype=torch.bool, device=dev)
+        keep = torch.cat([k for _, _, k in self._samples])
+        return (torch.cat([c for c, _, _ in self._samples])[keep],
+                torch.cat([h for _, h, _ in self._samples])[keep])
+
+    def _view(self):
+        if self._synced is not None:
+            return self._synced
+        state = self.state if self.state is not None else CalibrationState.zeros(
+            self.n_bins, device=self.device)
+        return state, (self._local_samples() if self.adaptive else None)
 
     def compute(self):
-        """{"ece", "mce", "rmsce", "n"} (+ "classwise_ece", "adaptive_ece"), float64 tensors."""
-        if self.state is None:
-            raise RuntimeError("CalibrationMeter: compute() before any update()")
-        s = self.state
-        out = {"ece": binned_error(s.counts, s.conf_sums, s.hits, "l1"),
-               "mce": binned_error(s.counts, s.conf_sums, s.hits, "max"),
-               "rmsce": binned_error(s.counts, s.conf_sums, s.hits, "l2"),
-               "n": s.n_samples}
-        if self.classwise:
-            out["classwise_ece"] = classwise_ece_from_state(s.cw_counts, s.cw_conf_sums,
-                                                            s.cw_hits)
-        if self.adaptive:
-            conf, correct = self._all_samples()
-            out["adaptive_ece"] = adaptive_ece_from_samples(conf, correct, self.n_bins)
-        return out
+        """{"ece", "mce", "rmsce", "brier", "nll", "accuracy", "n"} (+ "classwise_ece",
+        "adaptive_ece"), float64 tensors; the global ones after sync(). NaN with no sample."""
+        state, samples = self._view()
+        return report_from_state(state, samples)
 
     def table(self):
-        """The reliability-diagram table of the accumulated state."""
-        if self.state is None:
-            raise RuntimeError("CalibrationMeter: table() before any update()")
-        return table_from_state(self.state)
+        """The reliability-diagram table of the accumulated (or, after sync(), global) state."""
+        return table_from_state(self._view()[0])
 
-    def _all_samples(self):
-        if not self._samples:
-            dev = self.state.counts.device
-            return torch.empty(0, device=dev), torch.empty(0, dtype=torch.bool, device=dev)
-        return torch.cat([c for c, _ in self._samples]), torch.cat([h for _, h in self._samples])
+    def merge(self, other: "CalibrationMeter") -> "CalibrationMeter":
+        """Adds another meter's updates (of the same configuration) to this one's."""
+        if not isinstance(other, CalibrationMeter) or (
+                other.n_bins, other.classwise, other.adaptive) != (
+                self.n_bins, self.classwise, self.adaptive):
+            raise ValueError("CalibrationMeter: merge needs a meter with the same n_bins, "
+                             "classwise and adaptive")
+        if other.state is not None:
+            mine = self.state
+            theirs = other.state.to(mine.counts.device) if mine is not None else other.state
+            self.state = theirs if mine is None else mine + theirs
+        dev = self.state.counts.device if self.state is not None else None
+        self._samples += [tuple(t.to(dev) for t in s) for s in other._samples]
+        self._synced = None
+        return self
+
+    def __add__(self, other):
+        out = CalibrationMeter(self.n_bins, from_logits=self.from_logits,
+                               ignore_index=self.ignore_index, classwise=self.classwise,
+                               adaptive=self.adaptive, backend=self.backend, device=self.device)
+        return out.merge(self).merge(other)
+
+    def to(self, device):
+        """Moves the state (and the AdaECE samples) to device."""
+        self.device = torch.device(device)
+        if self.state is not None:
+            self.state = self.state.to(self.device)
+        self._samples = [tuple(t.to(self.device) for t in s) for s in self._samples]
+        if self._synced is not None:
+            state, samples = self._synced
+            self._synced = (state.to(self.device),
+                            None if samples is None else tuple(t.to(self.device) for t in samples))
+        return self
+
+    def __repr__(self):
+        n = "no sample" if self.state is None else f"{int(self.state.n_samples)} samples"
+        flags = "".join([", classwise" if self.classwise else "",
+                         ", adaptive" if self.adaptive else "",
+                         ", synced" if self._synced is not None else ""])
+        return (f"CalibrationMeter(n_bins={self.n_bins}, from_logits={self.from_logits}, "
+                f"ignore_index={self.ignore_index}{flags}; {n})")
 
     def state_dict(self):
-        if self.state is None:
-            return {"n_bins": self.n_bins}
         d = {"n_bins": self.n_bins}
-        d.update({f.name: getattr(self.state, f.name) for f in fields(self.state)
-                  if getattr(self.state, f.name) is not None})
+        if self.state is not None:
+            d.update({f.name: getattr(self.state, f.name) for f in fields(self.state)
+                      if getattr(self.state, f.name) is not None})
         if self.adaptive:
-            d["confidence"], d["correct"] = self._all_samples()
+            d["confidence"], d["correct"] = self._local_samples()
         return d
 
     def load_state_dict(self, d):
@@ -282,29 +459,56 @@ class CalibrationMeter:
         self.reset()
         if "counts" in d:
             self.state = CalibrationState(*(d.get(f.name) for f in fields(CalibrationState)))
+            for name in ("brier", "nll"):  # states saved before these existed
+                if getattr(self.state, name) is None:
+                    setattr(self.state, name, torch.zeros((), dtype=torch.float64,
+                                                          device=self.state.counts.device))
         if "confidence" in d:
-            self._samples = [(d["confidence"], d["correct"])]
+            keep = torch.ones_like(d["correct"], dtype=torch.bool)
+            self._samples = [(d["confidence"], d["correct"], keep)]
+        return self
 
     def sync(self, process_group=None):
-        """All-reduce (SUM) the binned state over a torch.distributed group; afterwards every rank
-        holds the global state. Call once, after the last update()."""
+        """All-reduce (SUM) this rank's state over a torch.distributed group; afterwards every
+        rank's compute() and table() give the global result. A rank that saw no data takes part
+        with a zero state; without an initialised process group (or with one rank) it is a
+        no-op; after more updates it may be called again, counting nothing twice."""
         import torch.distributed as dist
 
-        if self._synced:
-            raise RuntimeError("CalibrationMeter: already synced; reset() before reuse")
-        if self.state is None:
-            raise RuntimeError("CalibrationMeter: sync() before any update()")
-        for f in fields(self.state):
-            t = getattr(self.state, f.name)
-            if t is not None:
-                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
+        if not (dist.is_available() and dist.is_initialized()) or \
+                dist.get_world_size(process_group) == 1:
+            return self
+        dev = self._comm_device(process_group)
+        # Agree on the classwise shape first: a rank without data does not know C.
+        c = -1 if self.state is None or self.state.cw_counts is None else \
+            self.state.cw_counts.shape[0]
+        header = torch.tensor([c], dtype=torch.int64, device=dev)
+        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=process_group)
+        c = int(header.item())
+        local = self.state.to(dev) if self.state is not None else CalibrationState.zeros(
+            self.n_bins, c if self.classwise and c >= 0 else None, dev)
+        names = [f.name for f in fields(local) if getattr(local, f.name) is not None]
+        state = CalibrationState(**{name: getattr(local, name).clone() for name in names})
+        for name in names:
+            dist.all_reduce(getattr(state, name), op=dist.ReduceOp.SUM, group=process_group)
+        samples = None
         if self.adaptive:
-            conf, correct = self._all_samples()
-            self._samples = [_all_gather_uneven(conf, process_group),
-                             _all_gather_uneven(correct, process_group)]
-            self._samples = [tuple(self._samples)]
-        self._synced = True
+            conf, correct = self._local_samples()
+            samples = (_all_gather_uneven(conf.to(dev), process_group),
+                       _all_gather_uneven(correct.to(dev), process_group))
+        self._synced = (state, samples)
         return self
+
+    def _comm_device(self, group):
+        import torch.distributed as dist
+
+        if self.state is not None:
+            return self.state.counts.device
+        if self.device is not None:
+            return self.device
+        if dist.get_backend(group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 def _all_gather_uneven(t, group):
@@ -316,7 +520,7 @@ def _all_gather_uneven(t, group):
     size = torch.tensor([t.numel()], device=t.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
-    longest = int(max(s.item() for s in sizes))
+    longest = max(1, int(max(s.item() for s in sizes)))
     padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
     padded[: t.numel()] = t
     parts = [torch.zeros_like(padded) for _ in range(world)]

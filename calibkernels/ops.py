@@ -54,8 +54,7 @@ focal_loss = torch.ops.calibkernels.focal_loss.default
 
 
 @torch.library.register_fake("calibkernels::calibration_bins")
-def _calibration_bins_fake(input, target, boundaries, from_logits, ignore_index, classwise,
-                           per_sample):
+def _calibration_bins_fake(input, target, boundaries, mode, ignore_index, classwise, per_sample):
     torch._check(input.dim() == 2, lambda: "calibration: input must be 2-D (N, C)")
     n, c = input.shape
     n_bins = boundaries.shape[0] - 1
@@ -67,10 +66,20 @@ def _calibration_bins_fake(input, target, boundaries, from_logits, ignore_index,
             torch.empty(cw, n_bins, **i64), torch.empty(cw, n_bins, **f64),
             torch.empty(cw, n_bins, **i64),
             input.new_empty(m, dtype=_acc_dtype(input.dtype)),
-            input.new_empty(m, dtype=torch.bool))
+            input.new_empty(m, dtype=torch.bool), torch.empty(3, **f64))
+
+
+@torch.library.register_fake("calibkernels::calibration_sweep")
+def _calibration_sweep_fake(logits, target, temperatures, boundaries, ignore_index):
+    k, n_bins = temperatures.shape[0], boundaries.shape[0] - 1
+    i64 = dict(dtype=torch.int64, device=logits.device)
+    f64 = dict(dtype=torch.float64, device=logits.device)
+    return (torch.empty(k, n_bins, **i64), torch.empty(k, n_bins, **f64),
+            torch.empty(k, n_bins, **i64), torch.empty(k, **f64))
 
 
 calibration_bins = torch.ops.calibkernels.calibration_bins
+calibration_sweep = torch.ops.calibkernels.calibration_sweep
 
 
 # ---- Triton: the same contract, as triton_ops (calibkernels/triton_ops.py), loaded on first use:
@@ -80,6 +89,7 @@ triton = None  # the triton module, once load_triton() has run
 _TRITON_FOUND = None
 focal_loss_triton = None
 calibration_bins_triton = None
+calibration_sweep_triton = None
 
 
 def triton_available() -> bool:
@@ -92,12 +102,13 @@ def triton_available() -> bool:
 
 def load_triton():
     """Registers the Triton ops (importing triton) the first time a Triton kernel is used."""
-    global triton, focal_loss_triton, calibration_bins_triton
+    global triton, focal_loss_triton, calibration_bins_triton, calibration_sweep_triton
     if triton is None:
         from . import triton_ops
         import triton as _triton
 
         focal_loss_triton = triton_ops.focal_loss_forward_triton
         calibration_bins_triton = triton_ops.calibration_bins_triton
+        calibration_sweep_triton = triton_ops.calibration_sweep_triton
         triton = _triton
     return triton

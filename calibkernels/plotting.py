@@ -1,21 +1,29 @@
-"""Reliability diagrams with matplotlib (imported only when a diagram is drawn)."""
+"""Reliability diagrams with matplotlib (imported only when a diagram is drawn). Each diagram is
+drawn on a Figure of its own: pyplot's state and the process's backend are never touched, and
+nothing stays open when the figure is dropped (a diagram per epoch does not leak)."""
 
 import torch
 
 from .calibration import binned_error, reliability_table
 
 
-def reliability_diagram(logits_or_probs=None, target=None, n_bins=15, from_logits=True,
-                        ignore_index=-100, *, table=None, title=None, path=None):
+def _matplotlib():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("calibkernels.reliability_diagram needs matplotlib: "
+                          "pip install 'calibkernels[plot]'") from None
+    return Figure
+
+
+def reliability_diagram(logits_or_probs=None, target=None, n_bins=15, from_logits=None,
+                        ignore_index=-100, *, table=None, title=None, path=None, ax=None):
     """A matplotlib Figure: accuracy bars per bin, their gap to the diagonal, and the histogram of
     samples per bin below; the ECE in the title. Pass logits or probabilities and targets, or a
-    table from reliability_table() / CalibrationMeter.table(). Saved as PNG when path is given."""
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    table from reliability_table() / CalibrationMeter.table(). Saved as PNG when path is given.
+    With ax= (a matplotlib Axes) the bars are drawn there, without the histogram, and ax's
+    figure is returned."""
+    Figure = _matplotlib()
     if table is None:
         if logits_or_probs is None or target is None:
             raise ValueError("reliability_diagram: pass logits_or_probs and target, or table=")
@@ -30,8 +38,11 @@ def reliability_diagram(logits_or_probs=None, target=None, n_bins=15, from_logit
     filled = (counts > 0).numpy()
     acc, conf = t["accuracy"].numpy(), t["confidence"].numpy()
 
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6.2), sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
+    if ax is None:
+        fig = Figure(figsize=(5, 6.2))
+        ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, hist = ax.figure, None
     ax.bar(centers[filled], acc[filled], width[filled], color="#4878d0", edgecolor="black",
            linewidth=0.6, label="accuracy")
     gap_bottom = [min(a, c) for a, c in zip(acc[filled], conf[filled])]
@@ -45,12 +56,17 @@ def reliability_diagram(logits_or_probs=None, target=None, n_bins=15, from_logit
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title((f"{title}\n" if title else "") + f"ECE = {100 * ece_value:.2f}%  "
                  f"({int(counts.sum())} samples, {len(counts)} bins)")
-    hist.bar(centers, counts.numpy(), width, color="#6acc64", edgecolor="black", linewidth=0.6)
-    hist.set_yscale("log" if counts.max() > 50 * max(1.0, float(counts[counts > 0].min())) else
-                    "linear")
-    hist.set_xlabel("confidence")
-    hist.set_ylabel("samples")
-    fig.tight_layout()
+    if hist is not None:
+        hist.bar(centers, counts.numpy(), width, color="#6acc64", edgecolor="black",
+                 linewidth=0.6)
+        positive = counts[counts > 0]
+        spread = positive.numel() and counts.max() > 50 * max(1.0, float(positive.min()))
+        hist.set_yscale("log" if spread else "linear")
+        hist.set_xlabel("confidence")
+        hist.set_ylabel("samples")
+        fig.tight_layout()
+    else:
+        ax.set_xlabel("confidence")
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

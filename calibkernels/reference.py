@@ -3,6 +3,7 @@
 Written the way a user would write them in plain PyTorch, computing in the input's dtype.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
@@ -73,7 +74,7 @@ def focal_loss(input, target, weight=None, size_average=None, ignore_index=-100,
 # ---- calibration metrics (CONTRACT §2), eager: a mask per bin ----
 
 def _boundaries(n_bins, device):
-    return torch.linspace(0, 1, n_bins + 1, dtype=torch.float32, device=device)
+    return torch.linspace(0, 1, n_bins + 1, dtype=torch.float32).to(device)  # CPU linspace
 
 
 def _bin_of(c, n_bins):
@@ -83,17 +84,30 @@ def _bin_of(c, n_bins):
     return (c.to(wide).unsqueeze(-1) > inner).sum(-1)
 
 
-def _probs(x, from_logits):
-    return x.float().softmax(1) if from_logits and x.dtype != torch.float64 else \
-        (x.softmax(1) if from_logits else x)
+def _rows(x, target):
+    """(N, C, d1, ..., dk) input and (N, d1, ..., dk) target as rows (N·d1···dk, C) and (N·...)."""
+    if x.dim() > 2:
+        x = x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x, target.reshape(-1)
 
 
-def calibration_error(x, target, n_bins=15, norm="l1", from_logits=True, ignore_index=-100):
-    """Top-label ECE ("l1"), MCE ("max") or RMSCE ("l2"), in float64."""
+def _probs(x, target, from_logits, ignore_index):
+    """The kept samples' probabilities (float32, or float64 for float64 input) and targets.
+    from_logits=None takes the input as probabilities when every value lies in [0, 1]."""
+    x, target = _rows(x, target)
     keep = target != ignore_index
-    p = _probs(x, from_logits)[keep]
+    x, target = x[keep], target[keep]
+    if from_logits is None:
+        from_logits = not bool(((x >= 0) & (x <= 1)).all())
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(wide).softmax(1) if from_logits else x.to(wide)), target
+
+
+def calibration_error(x, target, n_bins=15, norm="l1", from_logits=None, ignore_index=-100):
+    """Top-label ECE ("l1"), MCE ("max") or RMSCE ("l2"), in float64."""
+    p, t = _probs(x, target, from_logits, ignore_index)
     conf, pred = p.max(1)
-    correct = (pred == target[keep]).double()
+    correct = (pred == t).double()
     conf64, bins = conf.double(), _bin_of(conf, n_bins)
     n = len(conf)
     if n == 0:
@@ -112,11 +126,9 @@ def calibration_error(x, target, n_bins=15, norm="l1", from_logits=True, ignore_
     return (weights * gaps**2).sum().sqrt()
 
 
-def classwise_ece(x, target, n_bins=15, from_logits=True, ignore_index=-100):
-    """The paper's classwise ECE: per class k, bin p_ik of every sample; mean over k."""
-    keep = target != ignore_index
-    p = _probs(x, from_logits)[keep]
-    t = target[keep]
+def classwise_ece(x, target, n_bins=15, from_logits=None, ignore_index=-100):
+    """The paper's classwise ECE: per class k, bin p_ik of every sample; mean over all C."""
+    p, t = _probs(x, target, from_logits, ignore_index)
     n, c = p.shape
     if n == 0:
         return torch.tensor(float("nan"), dtype=torch.float64)
@@ -131,18 +143,36 @@ def classwise_ece(x, target, n_bins=15, from_logits=True, ignore_index=-100):
     return total / c
 
 
-def adaptive_ece(x, target, n_bins=15, from_logits=True, ignore_index=-100):
-    """AdaECE: sorted confidences split into n_bins groups whose sizes differ by at most one."""
-    keep = target != ignore_index
-    p = _probs(x, from_logits)[keep]
+def adaptive_ece(x, target, n_bins=15, from_logits=None, ignore_index=-100):
+    """AdaECE with the paper's groups: edges np.interp(linspace(0, N, n_bins + 1), arange(N),
+    sorted confidences) in float64, compared in float32; bins (lo, hi], the first closed."""
+    p, t = _probs(x, target, from_logits, ignore_index)
     conf, pred = p.max(1)
-    correct = (pred == target[keep]).double()
+    correct = (pred == t).double()
     n = len(conf)
     if n == 0:
         return torch.tensor(float("nan"), dtype=torch.float64)
-    order = torch.sort(conf, stable=True).indices
+    edges = np.interp(np.linspace(0, n, n_bins + 1), np.arange(n),
+                      np.sort(conf.double().numpy()))
+    edges = torch.from_numpy(edges).to(conf.dtype)
     total = torch.zeros((), dtype=torch.float64)
-    for idx in torch.tensor_split(order, n_bins):
-        if len(idx):
-            total += len(idx) / n * (correct[idx].mean() - conf[idx].double().mean()).abs()
+    for b in range(n_bins):
+        m = (conf > edges[b]) & (conf <= edges[b + 1])
+        if b == 0:
+            m |= conf == edges[0]
+        if m.any():
+            total += m.sum().double() / n * (correct[m].mean() - conf[m].double().mean()).abs()
     return total
+
+
+def brier_score(x, target, from_logits=None, ignore_index=-100):
+    """Mean over samples of sum_k (p_k - onehot(y)_k)^2, in float64."""
+    p, t = _probs(x, target, from_logits, ignore_index)
+    onehot = F.one_hot(t, p.shape[1]).to(p.dtype)
+    return ((p - onehot) ** 2).sum(1).double().mean()
+
+
+def nll(x, target, from_logits=None, ignore_index=-100):
+    """Mean -log p_y, in float64."""
+    p, t = _probs(x, target, from_logits, ignore_index)
+    return (-p.gather(1, t[:, None]).log()).double().mean()

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .calibration import ece
+from .calibration import calibration_sweep
 from .focal_loss import focal_loss
 
 CRITERIA = ("nll", "ece")
@@ -40,14 +40,16 @@ def fit_temperature(logits, target, criterion="nll", *, ignore_index=-100, tol=1
     if not bool((target != ignore_index).any()):
         raise ValueError("fit_temperature: no sample to fit on (all ignored, or none)")
     logits = logits.detach()
+    kept = logits[target != ignore_index]
+    if not bool(torch.isfinite(kept).all()):
+        bad = int((~torch.isfinite(kept)).any(1).sum())
+        raise ValueError(f"fit_temperature: the logits of {bad} sample(s) are not finite (NaN or "
+                         f"inf): no temperature calibrates them; drop or fix those samples")
     if criterion == "ece":
-        best_t, best = 1.0, math.inf
-        for i in range(1, 101):
-            t = i / 10
-            e = ece(logits / t, target, ignore_index=ignore_index).item()
-            if e < best:  # strictly less: the first T of least ECE
-                best_t, best = t, e
-        return best_t
+        # the paper's grid, every T from one read of the logits (calibration_sweep)
+        grid = [i / 10 for i in range(1, 101)]
+        eces = calibration_sweep(logits, target, grid, ignore_index=ignore_index)["ece"]
+        return grid[int(torch.argmin(eces))]  # argmin takes the first of equal minima
 
     logits = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     evals = 0

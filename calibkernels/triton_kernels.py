@@ -193,7 +193,7 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD
 
     poisoned = m == float("inf")  # as torch: x - max is inf - inf
     loss_out = tl.where(live, -loss, 0.0)
-    loss_out = tl.where(bad | poisoned, float("nan"), loss_out)
+    loss_out = tl.where(bad | (live & poisoned), float("nan"), loss_out)  # ignored: 0
     tl.store(LOSS_ROWS + row, loss_out.to(LOSS_ROWS.dtype.element_ty))
 
     # Pass 3: the gradient, written once; the true class formed in the math precision.
@@ -270,55 +270,78 @@ def bin_index(c, BETA, N_BINS: tl.constexpr):
     return g
 
 
+# Per-sample values of calibration_rows_kernel, columns of its SAMPLES output: the softmax
+# reading (confidence, Brier, NLL), the probability reading (the same three), the row's max and
+# sum of exp(x - max).
+CONF_L, BRIER_L, NLL_L, CONF_P, BRIER_P, NLL_P, ROW_MAX, ROW_SUM, N_SAMPLE_COLS = range(9)  # 8 columns
+
+
 @triton.jit
-def calibration_rows_kernel(X, TARGET, CONF, CORRECT, ROW_MAX, ROW_SUM, n_classes, ignore_index,
-                            FROM_LOGITS: tl.constexpr, STATS: tl.constexpr, MATH_T: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
+def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, n_classes, ignore_index,
+                            MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One row: its prediction (torch.argmax's lowest index on ties), both readings of it
+    (csrc/calibration_cpu.cpp's softmax_sample and probability_sample: sums that leave out the
+    true class, so that nothing cancels as p_y -> 1), and whether its values lie in [0, 1]."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * n_classes
     cols = tl.arange(0, BLOCK_C)
+    y = tl.load(TARGET + row).to(tl.int64)
+    kept = y != ignore_index
+    bad = kept & ((y < 0) | (y >= n_classes))
+    y_safe = tl.where(kept & ~bad, y, 0)  # never read out of bounds for a bad target
     m = tl.full((), float("-inf"), MATH_T)
-    s = tl.zeros((), MATH_T)
     idx = tl.full((), 0, tl.int64) + n_classes
+    other = tl.zeros((), MATH_T)   # sum over k != y of exp(x_k - m)
+    other2 = tl.zeros((), MATH_T)  # ... of exp(x_k - m)^2
+    sq = tl.zeros((), MATH_T)      # ... of x_k^2
     outside = tl.full((), 0, tl.int32)
     for start in range(0, n_classes, BLOCK_C):
         offs = start + cols
         mask = offs < n_classes
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(MATH_T)
-        outside += tl.sum((mask & ~((x >= 0.0) & (x <= 1.0))).to(tl.int32), 0)
         cm = tl.max(x, 0)
         cidx = tl.min(tl.where(mask & (x == cm), offs, n_classes), 0).to(tl.int64)
         grew = cm > m
         idx = tl.where(grew, cidx, idx)  # on a tie the earlier chunk keeps the lowest index
         new_m = tl.maximum(m, cm)
-        if FROM_LOGITS:
-            s = tl.where(s == 0.0, 0.0, s * tl.exp(tl.where(grew, m - new_m, 0.0)))
-            s += tl.sum(tl.where(mask, tl.exp(x - new_m), 0.0), 0)
+        a = tl.where(grew & (m > float("-inf")), tl.exp(m - new_m), tl.where(grew, 0.0, 1.0))
         m = new_m
-    y = tl.load(TARGET + row)
-    bad = (y != ignore_index) & ((y < 0) | (y >= n_classes))
-    if FROM_LOGITS:
-        conf = 1.0 / s  # exp(m - m) / s: the top probability
-    else:
-        conf = m
-        bad = bad | (outside > 0)
-    conf = tl.where(bad, float("nan"), conf)
-    tl.store(CONF + row, conf)
+        e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m))  # also while m is still -inf
+        not_y = mask & (offs != y_safe)
+        other = other * a + tl.sum(tl.where(not_y, e, 0.0), 0)
+        other2 = other2 * (a * a) + tl.sum(tl.where(not_y, e * e, 0.0), 0)
+        sq += tl.sum(tl.where(not_y, x * x, 0.0), 0)
+        outside += tl.sum((mask & ~((x >= 0.0) & (x <= 1.0))).to(tl.int32), 0)
+    x_y = tl.load(x_row + y_safe).to(MATH_T)
+    z_y = x_y - m
+    s = other + tl.exp(z_y)
+    nan = float("nan")
+    poison_p = bad | (outside > 0)  # a value outside [0, 1] poisons the probability reading
+    out = SAMPLES + row * 8
+    tl.store(out + 0, tl.where(bad, nan, 1.0 / s))
+    tl.store(out + 1, tl.where(bad, nan, (other2 + other * other) / (s * s)))
+    tl.store(out + 2, tl.where(bad, nan, tl.where(z_y == 0.0, _log1p(other), tl.log(s) - z_y)))
+    tl.store(out + 3, tl.where(poison_p, nan, m))
+    tl.store(out + 4, tl.where(poison_p, nan, sq + (1.0 - x_y) * (1.0 - x_y)))
+    tl.store(out + 5, tl.where(poison_p, nan, -tl.log(tl.maximum(x_y, 0.0))))
+    tl.store(out + 6, m)
+    tl.store(out + 7, tl.where(bad, nan, s))
     tl.store(CORRECT + row, idx == y)
-    if STATS:
-        tl.store(ROW_MAX + row, m)
-        tl.store(ROW_SUM + row, tl.where(bad, float("nan"), s))
+    tl.store(INSIDE + row, ~kept | (outside == 0))
 
 
 @triton.jit
-def calibration_top_partials_kernel(CONF, CORRECT, TARGET, BETA, PART_COUNTS, PART_SUMS,
-                                    PART_HITS, n_rows, ignore_index, N_BINS: tl.constexpr,
+def calibration_top_partials_kernel(SAMPLES, CORRECT, TARGET, BETA, PART_COUNTS, PART_SUMS,
+                                    PART_HITS, PART_TOTALS, n_rows, ignore_index,
+                                    READING: tl.constexpr, N_BINS: tl.constexpr,
                                     NB: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The top-label bins, Brier and NLL sums of one chunk of rows under one reading (READING: the
+    first of its SAMPLES columns), in float64; the chunks are summed in order afterwards."""
     chunk = tl.program_id(0).to(tl.int64)
     rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = rows < n_rows
-    c = tl.load(CONF + rows, mask=mask, other=0.0)
     keep = mask & (tl.load(TARGET + rows, mask=mask, other=ignore_index) != ignore_index)
+    c = tl.load(SAMPLES + rows * 8 + READING, mask=mask, other=0.0)
     hit = tl.load(CORRECT + rows, mask=mask, other=0).to(tl.int64)
     b = bin_index(c, BETA, N_BINS)
     onehot = keep[:, None] & (b[:, None] == tl.arange(0, NB)[None, :])
@@ -328,15 +351,21 @@ def calibration_top_partials_kernel(CONF, CORRECT, TARGET, BETA, PART_COUNTS, PA
     tl.store(PART_SUMS + out, tl.sum(tl.where(onehot, c.to(tl.float64)[:, None], 0.0), 0),
              mask=bins < N_BINS)
     tl.store(PART_HITS + out, tl.sum(tl.where(onehot, hit[:, None], 0), 0), mask=bins < N_BINS)
+    brier = tl.load(SAMPLES + rows * 8 + READING + 1, mask=keep, other=0.0).to(tl.float64)
+    nll = tl.load(SAMPLES + rows * 8 + READING + 2, mask=keep, other=0.0).to(tl.float64)
+    tl.store(PART_TOTALS + chunk * 2, tl.sum(tl.where(keep, brier, 0.0), 0))
+    tl.store(PART_TOTALS + chunk * 2 + 1, tl.sum(tl.where(keep, nll, 0.0), 0))
 
 
 @triton.jit
-def calibration_classwise_partials_kernel(X, TARGET, ROW_MAX, ROW_SUM, CONF, BETA, PART_COUNTS,
-                                          PART_SUMS, PART_HITS, n_rows, n_classes, ignore_index,
+def calibration_classwise_partials_kernel(X, TARGET, SAMPLES, BETA, PART_COUNTS, PART_SUMS,
+                                          PART_HITS, n_rows, n_classes, ignore_index,
                                           rows_per_chunk, FROM_LOGITS: tl.constexpr,
                                           MATH_T: tl.constexpr, N_BINS: tl.constexpr,
                                           NB: tl.constexpr, BLOCK_R: tl.constexpr,
                                           BLOCK_K: tl.constexpr):
+    """Classwise bins of one chunk of rows and one tile of classes: p_ik = exp(x - max) / sum
+    (the row's statistics from calibration_rows_kernel) or x_ik, the rows in order."""
     chunk = tl.program_id(0).to(tl.int64)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = ks < n_classes
@@ -348,16 +377,16 @@ def calibration_classwise_partials_kernel(X, TARGET, ROW_MAX, ROW_SUM, CONF, BET
     for r0 in range(0, rows_per_chunk, BLOCK_R):
         rows = first + r0 + tl.arange(0, BLOCK_R)
         rmask = (rows < n_rows) & (r0 + tl.arange(0, BLOCK_R) < rows_per_chunk)
-        y = tl.load(TARGET + rows, mask=rmask, other=ignore_index)
+        y = tl.load(TARGET + rows, mask=rmask, other=ignore_index).to(tl.int64)
         keep = rmask & (y != ignore_index)
         tile = keep[:, None] & kmask[None, :]
         p = tl.load(X + rows[:, None] * n_classes + ks[None, :], mask=tile, other=0.0).to(MATH_T)
         if FROM_LOGITS:
-            m = tl.load(ROW_MAX + rows, mask=keep, other=0.0)
-            s = tl.load(ROW_SUM + rows, mask=keep, other=1.0)
+            m = tl.load(SAMPLES + rows * 8 + 6, mask=keep, other=0.0)
+            s = tl.load(SAMPLES + rows * 8 + 7, mask=keep, other=1.0)
             p = tl.exp(p - m[:, None]) / s[:, None]
         else:
-            c = tl.load(CONF + rows, mask=keep, other=0.0)
+            c = tl.load(SAMPLES + rows * 8 + 3, mask=keep, other=0.0)
             p = tl.where((c == c)[:, None], p, float("nan"))  # a poisoned row
         b = bin_index(p, BETA, N_BINS)
         onehot = tile[:, :, None] & (b[:, :, None] == bins[None, None, :])
@@ -370,3 +399,71 @@ def calibration_classwise_partials_kernel(X, TARGET, ROW_MAX, ROW_SUM, CONF, BET
     tl.store(PART_COUNTS + out, counts, mask=omask)
     tl.store(PART_SUMS + out, sums, mask=omask)
     tl.store(PART_HITS + out, hits, mask=omask)
+
+
+# ---- the temperature sweep ----
+
+@triton.jit
+def calibration_sweep_rows_kernel(X, TARGET, TEMPS, CONF, NLL, CORRECT, n_classes, ignore_index,
+                                  n_temps, MATH_T: tl.constexpr, BLOCK_T: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+    """One row at BLOCK_T temperatures: sum over k != y of exp((x_k - m) / T), online in m, from
+    one read of the row; confidence 1 / s_T and NLL as in calibration_sweep_cpu.cpp."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * n_classes
+    ts = tl.arange(0, BLOCK_T)
+    tmask = ts < n_temps
+    inv_t = 1.0 / tl.load(TEMPS + ts, mask=tmask, other=1.0).to(MATH_T)
+    cols = tl.arange(0, BLOCK_C)
+    y = tl.load(TARGET + row).to(tl.int64)
+    kept = y != ignore_index
+    y_safe = tl.where(kept & (y >= 0) & (y < n_classes), y, 0)
+    m = tl.full((), float("-inf"), MATH_T)
+    idx = tl.full((), 0, tl.int64) + n_classes
+    other = tl.zeros((BLOCK_T,), MATH_T)
+    for start in range(0, n_classes, BLOCK_C):
+        offs = start + cols
+        mask = offs < n_classes
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(MATH_T)
+        cm = tl.max(x, 0)
+        cidx = tl.min(tl.where(mask & (x == cm), offs, n_classes), 0).to(tl.int64)
+        grew = cm > m
+        idx = tl.where(grew, cidx, idx)
+        new_m = tl.maximum(m, cm)
+        shift = tl.where(grew & (m > float("-inf")), m - new_m, 0.0)
+        other = tl.where(grew & (m == float("-inf")), 0.0, other * tl.exp(shift * inv_t))
+        m = new_m
+        z = (x - m)[None, :] * inv_t[:, None]
+        e = tl.where((x == float("-inf"))[None, :], 0.0, tl.exp(z))  # also while m is -inf
+        other += tl.sum(tl.where((mask & (offs != y_safe))[None, :], e, 0.0), 1)
+    z_y = (tl.load(x_row + y_safe).to(MATH_T) - m) * inv_t
+    s = other + tl.exp(z_y)
+    out = row * n_temps + ts
+    tl.store(CONF + out, 1.0 / s, mask=tmask)
+    tl.store(NLL + out, tl.where(z_y == 0.0, _log1p(other), tl.log(s) - z_y), mask=tmask)
+    tl.store(CORRECT + row, idx == y)
+
+
+@triton.jit
+def calibration_sweep_partials_kernel(CONF, NLL, CORRECT, TARGET, BETA, PART_COUNTS, PART_SUMS,
+                                      PART_HITS, PART_NLL, n_rows, n_temps, ignore_index,
+                                      N_BINS: tl.constexpr, NB: tl.constexpr,
+                                      BLOCK_R: tl.constexpr):
+    """The bins and NLL sum of one chunk of rows at one temperature (program axis 1)."""
+    chunk = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < n_rows
+    keep = mask & (tl.load(TARGET + rows, mask=mask, other=ignore_index) != ignore_index)
+    c = tl.load(CONF + rows * n_temps + k, mask=mask, other=0.0)
+    hit = tl.load(CORRECT + rows, mask=mask, other=0).to(tl.int64)
+    b = bin_index(c, BETA, N_BINS)
+    bins = tl.arange(0, NB)
+    onehot = keep[:, None] & (b[:, None] == bins[None, :])
+    out = (chunk * n_temps + k) * N_BINS + bins
+    tl.store(PART_COUNTS + out, tl.sum(onehot.to(tl.int64), 0), mask=bins < N_BINS)
+    tl.store(PART_SUMS + out, tl.sum(tl.where(onehot, c.to(tl.float64)[:, None], 0.0), 0),
+             mask=bins < N_BINS)
+    tl.store(PART_HITS + out, tl.sum(tl.where(onehot, hit[:, None], 0), 0), mask=bins < N_BINS)
+    nll = tl.load(NLL + rows * n_temps + k, mask=keep, other=0.0).to(tl.float64)
+    tl.store(PART_NLL + chunk * n_temps + k, tl.sum(tl.where(keep, nll, 0.0), 0))

@@ -166,75 +166,139 @@ def _(grad, grad_output, input, target, weight, gamma, stats, ignore_index, labe
 
 # ---- calibration ----
 
-@triton_op("calibkernels::calibration_bins_triton", mutates_args=())
-def calibration_bins_triton(
-        input: torch.Tensor, target: torch.Tensor, boundaries: torch.Tensor,
-        from_logits: bool, ignore_index: int, classwise: bool, per_sample: bool
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor]:
-    """calibkernels::calibration_bins, computed by the Triton kernels (same outputs)."""
-    _check_triton_calibration_args(input, target, boundaries)
-    x, t, beta = input.contiguous(), target.contiguous(), boundaries.contiguous()
-    n, c = x.shape
-    n_bins = beta.numel() - 1
-    nb = triton.next_power_of_2(n_bins)
-    acc = _acc_dtype(x.dtype)
-    math_t = triton.language.float64 if acc == torch.float64 else triton.language.float32
-    dev = x.device
-    conf = torch.empty(n, dtype=acc, device=dev)
-    correct = torch.empty(n, dtype=torch.bool, device=dev)
-    stats = classwise and from_logits
-    row_max = torch.empty(n if stats else 0, dtype=acc, device=dev)
-    row_sum = torch.empty(n if stats else 0, dtype=acc, device=dev)
-    if n > 0:
-        block = min(triton.next_power_of_2(c), 4096)
-        wrap_triton(tk.calibration_rows_kernel)[(n,)](
-            x, t, conf, correct, row_max if stats else conf, row_sum if stats else conf, c,
-            ignore_index, FROM_LOGITS=from_logits, STATS=stats, MATH_T=math_t,
-            BLOCK_C=block, num_warps=4 if block <= 1024 else 8)
-    # Partial sums per chunk of rows, then a sum over the chunks: a fixed order, no atomics.
-    block_r = max(16, min(1024, 8192 // nb))
-    chunks = max(1, triton.cdiv(n, block_r))
-    i64 = dict(dtype=torch.int64, device=dev)
-    part = (torch.zeros(chunks, n_bins, **i64),
-            torch.zeros(chunks, n_bins, dtype=torch.float64, device=dev),
-            torch.zeros(chunks, n_bins, **i64))
-    if n > 0:
-        wrap_triton(tk.calibration_top_partials_kernel)[(chunks,)](
-            conf, correct, t, beta, *part, n, ignore_index, N_BINS=n_bins, NB=nb,
-            BLOCK_R=block_r)
-    counts, conf_sums, hits = (q.sum(0) for q in part)
-    cw_rows = c if classwise else 0
-    cw = (torch.zeros(cw_rows, n_bins, **i64),
-          torch.zeros(cw_rows, n_bins, dtype=torch.float64, device=dev),
-          torch.zeros(cw_rows, n_bins, **i64))
-    if classwise and n > 0:
-        block_k = 32
-        cw_chunks = max(1, min(triton.cdiv(n, 256), (1 << 22) // (c * n_bins)))
-        rows_per_chunk = triton.cdiv(n, cw_chunks)
-        cw_part = (torch.zeros(cw_chunks, c, n_bins, **i64),
-                   torch.zeros(cw_chunks, c, n_bins, dtype=torch.float64, device=dev),
-                   torch.zeros(cw_chunks, c, n_bins, **i64))
-        wrap_triton(tk.calibration_classwise_partials_kernel)[
-            (cw_chunks, triton.cdiv(c, block_k))](
-            x, t, row_max if stats else conf, row_sum if stats else conf, conf, beta,
-            *cw_part, n, c, ignore_index, rows_per_chunk, FROM_LOGITS=from_logits,
-            MATH_T=math_t, N_BINS=n_bins, NB=nb, BLOCK_R=max(1, min(16, 1024 // nb)),
-            BLOCK_K=block_k)
-        cw = tuple(q.sum(0) for q in cw_part)
-    if not per_sample:
-        conf, correct = conf[:0], correct[:0]
-    return (counts, conf_sums, hits, *cw, conf.clone(), correct.clone())
-
-
-def _check_triton_calibration_args(input, target, boundaries):
+def _check_calibration_args(input, target, boundaries):
     if input.dim() != 2 or not input.is_floating_point() or input.shape[1] < 1:
         raise ValueError(f"calibration: logits / probabilities must be 2-D (N, C) floating, got "
                          f"{input.dtype} of shape {tuple(input.shape)}")
-    if target.dtype != torch.int64 or tuple(target.shape) != (input.shape[0],):
-        raise ValueError(f"calibration: target must hold int64 class indices of shape "
-                         f"({input.shape[0]},)")
+    if target.dtype not in (torch.int64, torch.uint8) or tuple(target.shape) != (input.shape[0],):
+        raise ValueError(f"calibration: target must hold class indices (int64 or uint8) of "
+                         f"shape ({input.shape[0]},)")
     if boundaries.dtype != torch.float32 or boundaries.dim() != 1 or boundaries.numel() < 2:
         raise ValueError("calibration: boundaries must be float32 of shape (n_bins + 1)")
 
 
+def _top_label(samples, correct, t, beta, reading, ignore_index):
+    """The top-label state, Brier and NLL sums of one reading: per-chunk partials summed in
+    chunk order (no atomics: the same bits every run)."""
+    n, n_bins = t.numel(), beta.numel() - 1
+    nb = triton.next_power_of_2(n_bins)
+    block_r = max(16, min(1024, 8192 // nb))
+    chunks = max(1, triton.cdiv(n, block_r))
+    dev = samples.device
+    part = (torch.zeros(chunks, n_bins, dtype=torch.int64, device=dev),
+            torch.zeros(chunks, n_bins, dtype=torch.float64, device=dev),
+            torch.zeros(chunks, n_bins, dtype=torch.int64, device=dev),
+            torch.zeros(chunks, 2, dtype=torch.float64, device=dev))
+    if n > 0:
+        wrap_triton(tk.calibration_top_partials_kernel)[(chunks,)](
+            samples, correct, t, beta, *part, n, ignore_index, READING=reading, N_BINS=n_bins,
+            NB=nb, BLOCK_R=block_r)
+    return tuple(q.sum(0) for q in part)
+
+
+def _classwise(x, t, samples, beta, from_logits, ignore_index):
+    n, c = x.shape
+    n_bins = beta.numel() - 1
+    nb = triton.next_power_of_2(n_bins)
+    dev = x.device
+    block_k = 32
+    chunks = max(1, min(triton.cdiv(n, 256), (1 << 22) // (c * n_bins)))
+    rows_per_chunk = triton.cdiv(max(n, 1), chunks)
+    part = (torch.zeros(chunks, c, n_bins, dtype=torch.int64, device=dev),
+            torch.zeros(chunks, c, n_bins, dtype=torch.float64, device=dev),
+            torch.zeros(chunks, c, n_bins, dtype=torch.int64, device=dev))
+    if n > 0:
+        wrap_triton(tk.calibration_classwise_partials_kernel)[(chunks, triton.cdiv(c, block_k))](
+            x, t, samples, beta, *part, n, c, ignore_index, rows_per_chunk,
+            FROM_LOGITS=from_logits, MATH_T=_math_t(samples.dtype), N_BINS=n_bins, NB=nb,
+            BLOCK_R=max(1, min(16, 1024 // nb)), BLOCK_K=block_k)
+    return tuple(q.sum(0) for q in part)
+
+
+@triton_op("calibkernels::calibration_bins_triton", mutates_args=())
+def calibration_bins_triton(
+        input: torch.Tensor, target: torch.Tensor, boundaries: torch.Tensor, mode: int,
+        ignore_index: int, classwise: bool, per_sample: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """calibkernels::calibration_bins, computed by the Triton kernels (same outputs). The rows
+    are read once for the top-label state, Brier and NLL; the classwise state reads them again.
+    mode -1 forms both readings and picks one on the device (no host synchronisation)."""
+    _check_calibration_args(input, target, boundaries)
+    if mode not in (-1, 0, 1):
+        raise ValueError(f"calibration: mode must be 1 (logits), 0 (probabilities) or -1 (auto), "
+                         f"got {mode}")
+    x, t, beta = input.contiguous(), target.to(torch.int64).contiguous(), boundaries.contiguous()
+    n, c = x.shape
+    n_bins = beta.numel() - 1
+    acc = _acc_dtype(x.dtype)
+    dev = x.device
+    samples = torch.empty(n, tk.N_SAMPLE_COLS, dtype=acc, device=dev)
+    correct = torch.empty(n, dtype=torch.bool, device=dev)
+    inside = torch.empty(n, dtype=torch.bool, device=dev)
+    if n > 0:
+        block = min(triton.next_power_of_2(c), 4096)
+        wrap_triton(tk.calibration_rows_kernel)[(n,)](
+            x, t, samples, correct, inside, c, ignore_index, MATH_T=_math_t(acc), BLOCK_C=block,
+            num_warps=4 if block <= 1024 else 8)
+    # probabilities when every value of a kept sample lies in [0, 1] (decided on the device)
+    probs = inside.all() if mode == -1 else torch.tensor(mode == 0, device=dev)
+    readings = {1: [True], 0: [False], -1: [True, False]}[mode]
+    results = []
+    for from_logits in readings:
+        top = _top_label(samples, correct, t, beta, tk.CONF_L if from_logits else tk.CONF_P,
+                         ignore_index)
+        cw_rows = c if classwise else 0
+        cw = _classwise(x, t, samples, beta, from_logits, ignore_index) if classwise else (
+            torch.zeros(cw_rows, n_bins, dtype=torch.int64, device=dev),
+            torch.zeros(cw_rows, n_bins, dtype=torch.float64, device=dev),
+            torch.zeros(cw_rows, n_bins, dtype=torch.int64, device=dev))
+        conf = samples[:, tk.CONF_L if from_logits else tk.CONF_P]
+        results.append((*top[:3], *cw, conf, top[3]))
+    pick = results[0] if len(results) == 1 else [
+        torch.where(probs, p, l) for l, p in zip(results[0], results[1])]
+    counts, conf_sums, hits, cw_counts, cw_sums, cw_hits, conf, totals = pick
+    totals = torch.cat([totals, probs.to(torch.float64).reshape(1)])
+    if not per_sample:
+        conf, correct = conf[:0], correct[:0]
+    return (counts, conf_sums, hits, cw_counts, cw_sums, cw_hits, conf.contiguous(),
+            correct.clone(), totals)
+
+
+@triton_op("calibkernels::calibration_sweep_triton", mutates_args=())
+def calibration_sweep_triton(logits: torch.Tensor, target: torch.Tensor,
+                             temperatures: torch.Tensor, boundaries: torch.Tensor,
+                             ignore_index: int
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """calibkernels::calibration_sweep, computed by the Triton kernels: each row read once for
+    all K temperatures."""
+    _check_calibration_args(logits, target, boundaries)
+    k = temperatures.numel()
+    if temperatures.dim() != 1 or not 1 <= k <= 256:
+        raise ValueError("calibration_sweep: temperatures must be 1-D, 1 to 256 values")
+    x, t, beta = logits.contiguous(), target.to(torch.int64).contiguous(), boundaries.contiguous()
+    n, c = x.shape
+    n_bins = beta.numel() - 1
+    nb = triton.next_power_of_2(n_bins)
+    acc = _acc_dtype(x.dtype)
+    dev = x.device
+    temps = temperatures.to(device=dev, dtype=torch.float64, non_blocking=True)
+    conf = torch.empty(n, k, dtype=acc, device=dev)
+    nll = torch.empty(n, k, dtype=acc, device=dev)
+    correct = torch.empty(n, dtype=torch.bool, device=dev)
+    block_t = max(16, triton.next_power_of_2(k))
+    block_c = max(16, min(triton.next_power_of_2(c), 8192 // block_t))
+    block_r = max(16, min(1024, 8192 // nb))
+    chunks = max(1, triton.cdiv(n, block_r))
+    part = (torch.zeros(chunks, k, n_bins, dtype=torch.int64, device=dev),
+            torch.zeros(chunks, k, n_bins, dtype=torch.float64, device=dev),
+            torch.zeros(chunks, k, n_bins, dtype=torch.int64, device=dev),
+            torch.zeros(chunks, k, dtype=torch.float64, device=dev))
+    if n > 0:
+        wrap_triton(tk.calibration_sweep_rows_kernel)[(n,)](
+            x, t, temps, conf, nll, correct, c, ignore_index, k, MATH_T=_math_t(acc),
+            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=8)
+        wrap_triton(tk.calibration_sweep_partials_kernel)[(chunks, k)](
+            conf, nll, correct, t, beta, *part, n, k, ignore_index, N_BINS=n_bins, NB=nb,
+            BLOCK_R=block_r)
+    return tuple(q.sum(0) for q in part)

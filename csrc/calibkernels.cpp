@@ -114,15 +114,15 @@ at::Tensor kernel_target(const at::Tensor& input, const at::Tensor& target, bool
 }
 
 void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
-                            const at::Tensor& boundaries) {
+                            const at::Tensor& boundaries, int64_t mode) {
   TORCH_CHECK_VALUE(input.dim() == 2, "calibration: logits / probabilities must be 2-D (N, C), "
                     "got shape ", input.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(input.scalar_type()),
                     "calibration: logits / probabilities must be floating, got ",
                     input.scalar_type());
   TORCH_CHECK_VALUE(input.size(1) >= 1, "calibration: need at least one class");
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong,
-                    "calibration: target must hold int64 class indices, got ",
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte,
+                    "calibration: target must hold class indices (int64 or uint8), got ",
                     target.scalar_type());
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == input.size(0),
                     "calibration: target must have shape (", input.size(0), "), got ",
@@ -133,6 +133,26 @@ void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
                     "n_bins >= 1");
   TORCH_CHECK_VALUE(target.device() == input.device() && boundaries.device() == input.device(),
                     "calibration: input, target and boundaries must be on one device");
+  TORCH_CHECK_VALUE(mode == kProbabilities || mode == kLogits || mode == kAuto,
+                    "calibration: mode must be 1 (logits), 0 (probabilities) or -1 (auto), got ",
+                    mode);
+}
+
+void check_sweep_args(const at::Tensor& logits, const at::Tensor& target,
+                      const at::Tensor& temperatures, const at::Tensor& boundaries) {
+  check_calibration_args(logits, target, boundaries, kLogits);
+  TORCH_CHECK_VALUE(temperatures.dim() == 1 && temperatures.numel() >= 1 &&
+                        temperatures.numel() <= 256 && temperatures.is_cpu() &&
+                        temperatures.scalar_type() == at::kDouble,
+                    "calibration_sweep: temperatures must be a 1-D float64 CPU tensor of 1 to 256 "
+                    "values, got ", temperatures.scalar_type(), " of shape ",
+                    temperatures.sizes(), " on ", temperatures.device());
+  const at::Tensor t = temperatures.contiguous();
+  const double* v = t.const_data_ptr<double>();
+  for (int64_t k = 0; k < t.numel(); ++k) {
+    TORCH_CHECK_VALUE(std::isfinite(v[k]) && v[k] > 0.0,
+                      "calibration_sweep: temperatures must be finite and > 0, got ", v[k]);
+  }
 }
 
 }  // namespace calibkernels
@@ -170,14 +190,22 @@ TORCH_LIBRARY(calibkernels, m) {
   m.def(
       "focal_loss_aten(Tensor input, Tensor target, Tensor? weight, Tensor gamma, "
       "int ignore_index, float label_smoothing, str reduction) -> Tensor");
-  // Histogram-binned calibration state of CONTRACT §2 for (N, C) logits (softmax inside) or
-  // probabilities, reading them once. boundaries: float32 torch.linspace(0, 1, n_bins + 1).
-  // Returns the top-label state (count int64, sum of confidence float64, correct int64; each
-  // (n_bins)), the classwise state (the same three, (C, n_bins); empty unless classwise) and the
-  // per-sample (confidence, correct) of every row (empty unless per_sample). Samples whose target
-  // is ignore_index are left out of the binned state.
+  // Histogram-binned calibration state of CONTRACT §2 for (N, C) input, read once. mode: 1 logits
+  // (softmax inside), 0 probabilities, -1 auto (probabilities when every value of a non-ignored
+  // sample lies in [0, 1]). boundaries: float32 torch.linspace(0, 1, n_bins + 1). Returns the
+  // top-label state (count int64, sum of confidence float64, correct int64; each (n_bins)), the
+  // classwise state (the same three, (C, n_bins); empty unless classwise), the per-sample
+  // (confidence, correct) of every row (empty unless per_sample), and totals: float64
+  // [sum of Brier scores, sum of NLLs, 1 if read as probabilities else 0]. Samples whose target
+  // is ignore_index are left out of every sum.
   m.def(
-      "calibration_bins(Tensor input, Tensor target, Tensor boundaries, bool from_logits, "
+      "calibration_bins(Tensor input, Tensor target, Tensor boundaries, int mode, "
       "int ignore_index, bool classwise, bool per_sample) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor)");
+      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ECE state and NLL of softmax(logits / T) for K temperatures (a float64 CPU tensor, K <= 256)
+  // from one read of the logits: counts, sums of confidence, correct counts ((K, n_bins) each)
+  // and sums of NLL (K), over the samples whose target is not ignore_index.
+  m.def(
+      "calibration_sweep(Tensor logits, Tensor target, Tensor temperatures, Tensor boundaries, "
+      "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
 }

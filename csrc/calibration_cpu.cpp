@@ -1,139 +1,215 @@
-// Fused calibration state on the CPU: one parallel pass over the rows (softmax statistics,
-// confidence, prediction), a serial pass over N in row order for the top-label bins, and for the
-// classwise state a pass parallel over classes that visits the rows in order. Every sum has a fixed
-// order, so the result is bitwise identical for any thread count.
+// Fused calibration state on the CPU (CONTRACT §2), from one read of the input. Rows go in blocks
+// of a few MiB: (A) the rows of a block in parallel give each sample's confidence, prediction,
+// Brier and NLL terms; (B) one thread adds them into the top-label bins in row order; (C) with
+// classwise, the classes in parallel bin the block's p_ik, row by row, while the block is still in
+// cache. Every sum has a fixed order: bitwise the same result for any thread count.
+//
+// Logits or probabilities (mode): with kAuto both readings are formed until a value outside
+// [0, 1] shows the input to be logits (torchmetrics' rule: probabilities when every value lies in
+// [0, 1]); the one that holds is returned.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
 #include "calibration_row.h"
 #include "cpu_exp.h"
 #include "cpu_parallel.h"
+#include "cpu_rows.h"
 #include "ops.h"
 
 namespace calibkernels {
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                           at::Tensor, at::Tensor>;
+                           at::Tensor, at::Tensor, at::Tensor>;
 
-// The first k with row[k] == m (torch.argmax's tie rule), a vector of lanes at a time.
+// One sample under one reading of the input (softmax of logits, or the values as probabilities).
 template <typename acc_t>
-int64_t first_index_of(const acc_t* row, acc_t m, int64_t C) {
+struct Sample {
+  acc_t conf, brier, nll;
+};
+
+// The binned state of one reading.
+struct State {
+  std::vector<int64_t> counts, hits, cw_counts, cw_hits;
+  std::vector<double> conf_sums, cw_conf_sums;
+  double brier = 0.0, nll = 0.0;
+
+  State(int n_bins, int64_t cw_slots)
+      : counts(n_bins), hits(n_bins), cw_counts(cw_slots), cw_hits(cw_slots), conf_sums(n_bins),
+        cw_conf_sums(cw_slots) {}
+};
+
+// The softmax reading of row x (e: a scratch row): confidence 1 / s, Brier
+// sum_{k != y} p_k^2 + (1 - p_y)^2 and NLL -log p_y, formed from sums that leave out the true
+// class, so that nothing cancels when p_y -> 1.
+template <typename acc_t>
+Sample<acc_t> softmax_sample(const acc_t* x, acc_t m, int64_t y, acc_t* e, int64_t C) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  at::vec::map([m](const Vec& v) { return vexp(v - Vec(m)); }, e, x, C);
+  const auto id = [](const Vec& v) { return v; };
+  const auto sq = [](const Vec& v) { return v * v; };
+  const acc_t other = sum_range(e, 0, y, id) + sum_range(e, y + 1, C, id);
+  const acc_t other2 = sum_range(e, 0, y, sq) + sum_range(e, y + 1, C, sq);
+  const acc_t s = other + e[y];
+  Sample<acc_t> out;
+  out.conf = acc_t(1) / s;
+  out.brier = (other2 + other * other) / (s * s);
+  // log s - (x_y - m): log1p(other) when y holds the max, where s = 1 + other
+  out.nll = x[y] == m ? std::log1p(other) : std::log(s) - (x[y] - m);
+  return out;
+}
+
+// The probability reading of row x: the top value, sum_{k != y} x_k^2 + (1 - x_y)^2, -log x_y.
+template <typename acc_t>
+Sample<acc_t> probability_sample(const acc_t* x, acc_t m, int64_t y, int64_t C) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const auto sq = [](const Vec& v) { return v * v; };
+  const acc_t other2 = sum_range(x, 0, y, sq) + sum_range(x, y + 1, C, sq);
+  const acc_t q = acc_t(1) - x[y];
+  return {m, other2 + q * q, -std::log(x[y])};
+}
+
+// Whether every value of the row lies in [0, 1] (NaN does not).
+template <typename acc_t>
+bool in_unit_interval(const acc_t* x, int64_t C) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   int64_t k = 0;
   for (; k + V <= C; k += V) {
-    const int mask = (Vec::loadu(row + k) != Vec(m)).zero_mask();  // bit set where equal
-    if (mask != 0) return k + __builtin_ctz(mask);
+    const Vec v = Vec::loadu(x + k);
+    if (((v >= Vec(acc_t(0))) & (v <= Vec(acc_t(1)))).zero_mask() != 0) return false;
   }
   for (; k < C; ++k) {
-    if (row[k] == m) return k;
+    if (!(x[k] >= acc_t(0) && x[k] <= acc_t(1))) return false;
   }
-  return C - 1;  // no lane equals m: a NaN row; predict the last class, as nothing else fits
+  return true;
 }
 
 template <typename scalar_t>
-void calibration_cpu_kernel(const at::Tensor& input, const int64_t* target, const float* beta,
-                            int n_bins, bool from_logits, int64_t ignore_index, bool classwise,
-                            at::Tensor& counts, at::Tensor& conf_sums, at::Tensor& hits,
-                            at::Tensor& cw_counts, at::Tensor& cw_conf_sums, at::Tensor& cw_hits,
-                            at::Tensor& confidence, at::Tensor& correct) {
+struct CalibrationCpu {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
-  const int64_t N = input.size(0), C = input.size(1);
-  const scalar_t* x = input.const_data_ptr<scalar_t>();
-  acc_t* conf = confidence.mutable_data_ptr<acc_t>();
-  bool* hit = correct.mutable_data_ptr<bool>();
-  // Softmax statistics per row (max, sum of exp), kept for the classwise pass.
-  std::vector<acc_t> row_max(classwise && from_logits ? N : 0);
-  std::vector<acc_t> row_sum(classwise && from_logits ? N : 0);
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
 
-  // Pass 1, rows in parallel: confidence, prediction (lowest index on ties, as torch.argmax).
-  parallel_rows(N, C, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(kReduced ? C : 0);
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* row;
-      if constexpr (kReduced) {
-        at::vec::convert(x + i * C, buf.data(), C);
-        row = buf.data();
-      } else {
-        row = x + i * C;
+  const scalar_t* x;
+  const int64_t* target;
+  const float* beta;
+  int n_bins;
+  int64_t N, C, ignore_index;
+  bool classwise;
+  bool logits_live, probs_live;  // the readings still formed
+  State logits, probs;
+  std::vector<acc_t> conf_l, conf_p;  // per sample, for AdaECE
+  std::vector<uint8_t> correct;
+
+  // Pass A over rows [b0, b1): each sample's readings; returns whether every value lay in [0, 1].
+  bool rows(int64_t b0, int64_t b1, std::vector<Sample<acc_t>>& sl, std::vector<Sample<acc_t>>& sp,
+            std::vector<acc_t>& row_m) {
+    std::atomic<bool> unit{true};
+    parallel_rows(b1 - b0, C, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(kReduced ? C : 0), e(C);
+      bool all_unit = true;
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t i = b0 + j;
+        const acc_t* row = row_in_math(x + i * C, buf.data(), C);
+        const acc_t m = row_max(row, C);
+        row_m[j] = m;
+        correct[i] = first_index_of(row, m, C) == target[i];
+        if (target[i] == ignore_index) continue;  // (not read for the rule either: torchmetrics')
+        if (probs_live) all_unit = all_unit && in_unit_interval(row, C);
+        const int64_t y = target[i];
+        if (logits_live) sl[j] = softmax_sample(row, m, y, e.data(), C);
+        if (probs_live) sp[j] = probability_sample(row, m, y, C);
       }
-      const acc_t m = at::vec::reduce_all<acc_t>(
-          [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); }, row, C);
-      const int64_t pred = first_index_of(row, m, C);
-      acc_t c = m;
-      if (from_logits) {
-        const acc_t s = at::vec::map_reduce_all<acc_t>(
-            [m](const Vec& v) { return vexp(v - Vec(m)); },
-            [](const Vec& u, const Vec& v) { return u + v; }, row, C);
-        c = acc_t(1) / s;  // the top probability, exp(m - m) / s
-        if (!row_sum.empty()) {
-          row_max[i] = m;
-          row_sum[i] = s;
+      if (!all_unit) unit.store(false, std::memory_order_relaxed);
+    });
+    return unit.load();
+  }
+
+  // Pass B: the top-label bins, Brier and NLL of rows [b0, b1), in row order.
+  void top_label(State& st, std::vector<acc_t>& conf, const std::vector<Sample<acc_t>>& samples,
+                 int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      if (target[i] == ignore_index) {
+        conf[i] = acc_t(0);
+        continue;
+      }
+      const Sample<acc_t>& s = samples[i - b0];
+      conf[i] = s.conf;
+      const int b = bin_index(s.conf, beta, n_bins);
+      st.counts[b] += 1;
+      st.conf_sums[b] += static_cast<double>(s.conf);
+      st.hits[b] += correct[i];
+      st.brier += static_cast<double>(s.brier);
+      st.nll += static_cast<double>(s.nll);
+    }
+  }
+
+  // Pass C: classes in parallel, each visiting the rows [b0, b1) in order: p_ik into class k's
+  // bins (p = exp(x - m) / s for logits, x for probabilities).
+  void classwise_bins(State& st, bool softmax, int64_t b0, int64_t b1,
+                      const std::vector<acc_t>& row_m, const std::vector<Sample<acc_t>>& samples) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    at::parallel_for(0, C, /*grain_size=*/16, [&](int64_t k0, int64_t k1) {
+      std::vector<acc_t> p(k1 - k0);
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t y = target[i];
+        if (y == ignore_index) continue;
+        for (int64_t k = k0; k < k1; ++k) p[k - k0] = static_cast<acc_t>(x[i * C + k]);
+        if (softmax) {
+          const acc_t m = row_m[i - b0], inv_s = samples[i - b0].conf;  // 1 / s
+          at::vec::map([m, inv_s](const Vec& v) { return vexp(v - Vec(m)) * Vec(inv_s); },
+                       p.data(), p.data(), k1 - k0);
+        }
+        for (int64_t k = k0; k < k1; ++k) {
+          const acc_t pk = p[k - k0];
+          const int64_t slot = k * n_bins + bin_index(pk, beta, n_bins);
+          st.cw_counts[slot] += 1;
+          st.cw_conf_sums[slot] += static_cast<double>(pk);
+          st.cw_hits[slot] += y == k ? 1 : 0;
         }
       }
-      conf[i] = c;
-      hit[i] = pred == target[i];
-    }
-  });
-
-  // Pass 2, rows in order: the top-label bins.
-  int64_t* cnt = counts.mutable_data_ptr<int64_t>();
-  double* csum = conf_sums.mutable_data_ptr<double>();
-  int64_t* hsum = hits.mutable_data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i) {
-    if (target[i] == ignore_index) continue;
-    const int b = bin_index(conf[i], beta, n_bins);
-    cnt[b] += 1;
-    csum[b] += static_cast<double>(conf[i]);
-    hsum[b] += hit[i] ? 1 : 0;
+    });
   }
-  if (!classwise) return;
 
-  // Pass 3, classes in parallel, each visiting the rows in order: p_ik into class k's bins.
-  int64_t* wcnt = cw_counts.mutable_data_ptr<int64_t>();
-  double* wsum = cw_conf_sums.mutable_data_ptr<double>();
-  int64_t* whit = cw_hits.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, C, /*grain_size=*/16, [&](int64_t k0, int64_t k1) {
-    std::vector<acc_t> p(k1 - k0);
-    for (int64_t i = 0; i < N; ++i) {
-      const int64_t y = target[i];
-      if (y == ignore_index) continue;
-      for (int64_t k = k0; k < k1; ++k) p[k - k0] = static_cast<acc_t>(x[i * C + k]);
-      if (from_logits) {
-        const acc_t m = row_max[i], inv_s = acc_t(1) / row_sum[i];
-        at::vec::map([m, inv_s](const Vec& v) { return vexp(v - Vec(m)) * Vec(inv_s); },
-                     p.data(), p.data(), k1 - k0);
-      }
-      for (int64_t k = k0; k < k1; ++k) {
-        const acc_t pk = p[k - k0];
-        const int64_t slot = k * n_bins + bin_index(pk, beta, n_bins);
-        wcnt[slot] += 1;
-        wsum[slot] += static_cast<double>(pk);
-        whit[slot] += y == k ? 1 : 0;
-      }
+  void run() {
+    // Blocks small enough to stay in cache between passes A and C (classwise), else large.
+    const int64_t block_bytes = classwise ? (int64_t(2) << 20) : (int64_t(64) << 20);
+    const int64_t block = std::max<int64_t>(1, block_bytes / std::max<int64_t>(1, C * sizeof(scalar_t)));
+    std::vector<Sample<acc_t>> sl(std::min(block, N)), sp(std::min(block, N));
+    std::vector<acc_t> row_m(std::min(block, N));
+    for (int64_t b0 = 0; b0 < N; b0 += block) {
+      const int64_t b1 = std::min(N, b0 + block);
+      const bool unit = rows(b0, b1, sl, sp, row_m);
+      if (!unit) probs_live = false;  // a value outside [0, 1]: logits
+      if (logits_live) top_label(logits, conf_l, sl, b0, b1);
+      if (probs_live) top_label(probs, conf_p, sp, b0, b1);
+      if (classwise && logits_live) classwise_bins(logits, true, b0, b1, row_m, sl);
+      if (classwise && probs_live) classwise_bins(probs, false, b0, b1, row_m, sp);
     }
-  });
+  }
+};
+
+template <typename T>
+at::Tensor to_tensor(const std::vector<T>& v, at::IntArrayRef shape, const at::TensorOptions& o) {
+  return at::from_blob(const_cast<T*>(v.data()), shape, o.device(at::kCPU)).clone();
 }
 
 Outputs calibration_bins_cpu(const at::Tensor& input, const at::Tensor& target,
-                             const at::Tensor& boundaries, bool from_logits, int64_t ignore_index,
+                             const at::Tensor& boundaries, int64_t mode, int64_t ignore_index,
                              bool classwise, bool per_sample) {
-  check_calibration_args(input, target, boundaries);
+  check_calibration_args(input, target, boundaries, mode);
   const at::Tensor x = input.contiguous();
-  const at::Tensor t = target.contiguous();
+  const at::Tensor t = target.to(at::kLong).contiguous();
   const at::Tensor beta = boundaries.contiguous();
   const int64_t N = x.size(0), C = x.size(1);
   const int n_bins = static_cast<int>(beta.size(0) - 1);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_type = math_type(x.scalar_type());
   const at::TensorOptions i64 = x.options().dtype(at::kLong), f64 = x.options().dtype(at::kDouble);
 
   const int64_t* tp = t.const_data_ptr<int64_t>();
@@ -142,31 +218,43 @@ Outputs calibration_bins_cpu(const at::Tensor& input, const at::Tensor& target,
                       tp[i], " at position ", i, " is out of range for ", C,
                       " classes (and is not ignore_index=", ignore_index, ")");
   }
-  if (!from_logits && x.numel() > 0) {
-    const at::Tensor bad = (x < 0) | (x > 1) | x.isnan();
+  if (mode == kProbabilities && x.numel() > 0) {
+    const at::Tensor kept = x.index({t != ignore_index});  // ignored samples are not read
+    const at::Tensor bad = (kept < 0) | (kept > 1) | kept.isnan();
     TORCH_CHECK_VALUE(!bad.any().item<bool>(), "calibration: with from_logits=False the input "
                       "must hold probabilities in [0, 1]; found ",
-                      x.masked_select(bad)[0].item<double>());
+                      kept.masked_select(bad)[0].item<double>());
   }
-
-  at::Tensor counts = at::zeros({n_bins}, i64), conf_sums = at::zeros({n_bins}, f64),
-             hits = at::zeros({n_bins}, i64);
-  at::Tensor cw_counts = at::zeros({classwise ? C : 0, n_bins}, i64),
-             cw_conf_sums = at::zeros({classwise ? C : 0, n_bins}, f64),
-             cw_hits = at::zeros({classwise ? C : 0, n_bins}, i64);
-  at::Tensor confidence = at::empty({N}, x.options().dtype(acc_type));
-  at::Tensor correct = at::empty({N}, x.options().dtype(at::kBool));
+  const int64_t cw_slots = classwise ? C * n_bins : 0;
+  Outputs out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "calibration_cpu",
                                   [&] {
-    calibration_cpu_kernel<scalar_t>(x, tp, beta.const_data_ptr<float>(), n_bins, from_logits,
-                                     ignore_index, classwise, counts, conf_sums, hits, cw_counts,
-                                     cw_conf_sums, cw_hits, confidence, correct);
+    using acc_t = at::opmath_type<scalar_t>;
+    CalibrationCpu<scalar_t> k{x.const_data_ptr<scalar_t>(), tp, beta.const_data_ptr<float>(),
+                               n_bins, N, C, ignore_index, classwise,
+                               /*logits_live=*/mode != kProbabilities,
+                               /*probs_live=*/mode != kLogits,
+                               State(n_bins, cw_slots), State(n_bins, cw_slots),
+                               std::vector<acc_t>(N), std::vector<acc_t>(N),
+                               std::vector<uint8_t>(N)};
+    k.run();
+    const bool probabilities = k.probs_live;  // kAuto: every value lay in [0, 1]
+    const State& st = probabilities ? k.probs : k.logits;
+    const std::vector<acc_t>& conf = probabilities ? k.conf_p : k.conf_l;
+    const at::TensorOptions acc = x.options().dtype(acc_type);
+    std::vector<double> totals{st.brier, st.nll, probabilities ? 1.0 : 0.0};
+    at::Tensor correct = at::empty({N}, x.options().dtype(at::kBool));
+    std::copy(k.correct.begin(), k.correct.end(), correct.mutable_data_ptr<bool>());
+    out = {to_tensor(st.counts, {n_bins}, i64), to_tensor(st.conf_sums, {n_bins}, f64),
+           to_tensor(st.hits, {n_bins}, i64),
+           to_tensor(st.cw_counts, {classwise ? C : 0, n_bins}, i64),
+           to_tensor(st.cw_conf_sums, {classwise ? C : 0, n_bins}, f64),
+           to_tensor(st.cw_hits, {classwise ? C : 0, n_bins}, i64),
+           per_sample ? to_tensor(conf, {N}, acc) : at::empty({0}, acc),
+           per_sample ? correct : at::empty({0}, correct.options()),
+           to_tensor(totals, {3}, f64)};
   });
-  if (!per_sample) {
-    confidence = at::empty({0}, confidence.options());
-    correct = at::empty({0}, correct.options());
-  }
-  return {counts, conf_sums, hits, cw_counts, cw_conf_sums, cw_hits, confidence, correct};
+  return out;
 }
 
 }  // namespace

@@ -14,11 +14,19 @@ namespace {
 // them on the host would be a synchronisation, and would break a traced graph.
 at::Tensor gamma_per_sample(const at::Tensor& p, const at::Tensor& table) {
   const int64_t n = (table.numel() - 1) / 2;
-  const at::Tensor t = table.to(p.options());
+  const at::Tensor t = table.to(p.options(), /*non_blocking=*/true);  // no host sync on CUDA
   at::Tensor g = t.select(0, 2 * n).expand(p.sizes());
   const at::Tensor pd = p.detach();
   for (int64_t j = n - 1; j >= 0; --j) g = at::where(pd < t.select(0, j), t.select(0, n + j), g);
   return g;
+}
+
+// q^gamma, with the limit at q = 0 (0, or 1 for gamma = 0) taken without ever forming
+// gamma q^(gamma - 1) there: pow's derivative is infinite at 0 for gamma < 1, and inf x 0 is NaN.
+at::Tensor pow_gamma(const at::Tensor& q, const at::Tensor& gamma) {
+  const at::Tensor positive = q > 0;
+  const at::Tensor safe = at::where(positive, q, at::ones_like(q));
+  return at::where(positive, safe.pow(gamma), (gamma == 0).to(q.scalar_type()));
 }
 
 at::Tensor focal_loss_aten(const at::Tensor& input, const at::Tensor& target,
@@ -44,7 +52,7 @@ at::Tensor focal_loss_aten(const at::Tensor& input, const at::Tensor& target,
     at::Tensor a = t * (1.0 - eps) + b;
     if (w.defined()) a = a * w;
     // q = 1 - p as -expm1(log p), exact as p -> 1.
-    loss = -(a * (-at::expm1(lp)).pow(g.unsqueeze(1)) * lp).sum(1);
+    loss = -(a * pow_gamma(-at::expm1(lp), g.unsqueeze(1)) * lp).sum(1);
     if (red == Reduction::None) return loss;
     return red == Reduction::Sum ? loss.sum() : loss.mean();
   }
@@ -54,9 +62,9 @@ at::Tensor focal_loss_aten(const at::Tensor& input, const at::Tensor& target,
   const at::Tensor lp_y = lp.gather(1, y_safe.unsqueeze(1)).squeeze(1);
   const at::Tensor g = gamma_per_sample(lp_y.exp(), gamma);
   const at::Tensor w_y = (w.defined() ? w.index_select(0, y_safe) : at::ones_like(lp_y)) * valid;
-  loss = -(1.0 - eps) * w_y * (-at::expm1(lp_y)).pow(g) * lp_y;
+  loss = -(1.0 - eps) * w_y * pow_gamma(-at::expm1(lp_y), g) * lp_y;
   if (eps > 0.0) {
-    at::Tensor focal = (-at::expm1(lp)).pow(g.unsqueeze(1)) * lp;
+    at::Tensor focal = pow_gamma(-at::expm1(lp), g.unsqueeze(1)) * lp;
     if (w.defined()) focal = focal * w;
     loss = loss - b * focal.sum(1) * valid;
   }

@@ -93,12 +93,14 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
     if (compute_grad) {
       // The forward's gradient (grad_output = 1) is `grad`; the input and the row statistics let
       // backward write any other grad_output's gradient, rounded once.
-      ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), gamma, stats, grad});
+      ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), gamma, stats});
+      // Not a saved variable: the first backward hands this very buffer out and forgets it, so
+      // that nothing the user holds is ever version-checked or rewritten by a later backward.
+      ctx->saved_data["grad"] = grad;
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["label_smoothing"] = label_smoothing;
       ctx->saved_data["reduction"] = std::string(reduction);
       ctx->saved_data["backend"] = std::string(backend);
-      ctx->saved_data["grad_handed_out"] = false;
     }
     return loss;
   }
@@ -119,19 +121,21 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
     if (at::GradMode::is_enabled()) {
       // create_graph=True: the gradient must itself be differentiable, so it comes from the
-      // composite formula, differentiated by autograd (exact second-order terms).
-      const at::Tensor loss = aten_loss(input, target, weight, gamma, ignore_index, eps, reduction);
-      out[0] = torch::autograd::grad({loss}, {input}, {go.to(loss.scalar_type())},
+      // composite formula, differentiated by autograd (exact second-order terms). Through an
+      // alias of the input: hooks and retain_grad() on the input itself must run once, outside.
+      const at::Tensor alias = input.view_as(input);
+      const at::Tensor loss = aten_loss(alias, target, weight, gamma, ignore_index, eps, reduction);
+      out[0] = torch::autograd::grad({loss}, {alias}, {go.to(loss.scalar_type())},
                                      /*retain_graph=*/true, /*create_graph=*/true)[0];
       return out;
     }
     const PhaseOps& ops = phase_ops(ctx->saved_data["backend"].toStringRef());
-    at::Tensor grad = saved[5];
-    if (!ctx->saved_data["grad_handed_out"].toBool() && is_plain(go) && is_plain(grad)) {
+    const auto stored = ctx->saved_data.find("grad");
+    if (stored != ctx->saved_data.end() && is_plain(go) && is_plain(stored->second.toTensor())) {
       // The first backward: the stored gradient is the answer, rewritten in place only where
-      // grad_output is not 1 (on CUDA decided on the device). Below ADInplaceOrView: the buffer
-      // is ours, and its version must not change under autograd's feet.
-      ctx->saved_data["grad_handed_out"] = true;
+      // grad_output is not 1 (on CUDA decided on the device), then handed out and forgotten.
+      at::Tensor grad = stored->second.toTensor();
+      ctx->saved_data.erase(stored);
       at::AutoDispatchBelowADInplaceOrView guard;
       ops.backward_.call(grad, go, input, target, weight, gamma, stats, ignore_index, eps,
                          reduction);
@@ -162,8 +166,9 @@ bool in_functorch_transform() {
 bool needs_composite(const at::Tensor& input, const at::Tensor& target,
                      const std::optional<at::Tensor>& weight) {
   const bool soft = target.is_floating_point();
-  if (in_functorch_transform() ||
-      input._fw_grad(/*level=*/0).defined() || (soft && target._fw_grad(/*level=*/0).defined())) {
+  if (in_functorch_transform() || input._fw_grad(/*level=*/0).defined() ||
+      (soft && target._fw_grad(/*level=*/0).defined()) ||
+      (weight.has_value() && weight->_fw_grad(/*level=*/0).defined())) {
     return true;
   }
   return at::GradMode::is_enabled() &&

@@ -19,21 +19,11 @@
 
 #include "cpu_exp.h"
 #include "cpu_parallel.h"
+#include "cpu_rows.h"
 #include "ops.h"
 
 namespace calibkernels {
 namespace {
-
-// One row in the math type: the row itself, or its widened copy in buf.
-template <typename acc_t, typename T>
-const acc_t* row_in_math(const T* src, acc_t* buf, int64_t C) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return src;
-  } else {
-    at::vec::convert(src, buf, C);
-    return buf;
-  }
-}
 
 // The tensors of one call, as the row loops see them. tgt_t is the storage type of
 // probability targets (the input's, or the math type).
@@ -127,31 +117,8 @@ inline std::pair<float, float> exp_sum_split(const float* x, float m, float* out
   return {static_cast<float>(C - n_rest), _mm512_reduce_add_ps(_mm512_add_ps(rest0, rest1))};
 }
 
-// Four independent max chains: one chain waits on the max latency for every vector. A NaN
-// may be dropped here, but it makes the exp sum, and so the loss, NaN all the same.
-inline float row_max(const float* x, int64_t C) {
-  __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
-  int64_t k = 0;
-  for (; k + 64 <= C; k += 64) {
-    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + k));
-    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + k + 16));
-    m2 = _mm512_max_ps(m2, _mm512_loadu_ps(x + k + 32));
-    m3 = _mm512_max_ps(m3, _mm512_loadu_ps(x + k + 48));
-  }
-  for (; k < C; k += 16) {
-    const __mmask16 live = C - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - k)) - 1u);
-    m0 = _mm512_mask_max_ps(m0, live, m0, _mm512_maskz_loadu_ps(live, x + k));
-  }
-  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
-}
 #endif
 
-template <typename acc_t>
-acc_t row_max(const acc_t* x, int64_t C) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  return at::vec::reduce_all<acc_t>([](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); },
-                                    x, C);
-}
 
 
 // The gradient row from e_k = exp(x_k - m), in place: d loss / d x_k = coef (p_k S - a_k G_k)
@@ -556,6 +523,14 @@ void run_grad_rows(const at::Tensor& out, const at::Tensor& grad_output, const a
                     "focal_loss_backward: grad_output must have ", per_row ? N : 1,
                     " values, got shape ", grad_output.sizes());
   const at::Tensor t = kernel_target(x, target, o.prob_target);
+  if (!o.prob_target) {  // the op may be called directly: never index a row with a bad target
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    for (int64_t i = 0, C = x.size(1); i < N; ++i) {
+      TORCH_CHECK_INDEX(tp[i] == ignore_index || (tp[i] >= 0 && tp[i] < C),
+                        "focal_loss_backward: target ", tp[i], " at position ", i,
+                        " is out of range for ", C, " classes");
+    }
+  }
   const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
   const at::Tensor go = grad_output.to(acc_type).contiguous().reshape(-1);
   const at::Tensor st = stats.contiguous();

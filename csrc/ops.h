@@ -37,7 +37,14 @@ inline at::ScalarType math_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// How calibration_bins reads its input: softmax of logits, the values as probabilities, or
+// (auto) probabilities when every value of a non-ignored sample lies in [0, 1], logits otherwise.
+constexpr int64_t kProbabilities = 0, kLogits = 1, kAuto = -1;
+
 void check_calibration_args(const at::Tensor& input, const at::Tensor& target,
-                            const at::Tensor& boundaries);
+                            const at::Tensor& boundaries, int64_t mode);
+
+void check_sweep_args(const at::Tensor& logits, const at::Tensor& target,
+                      const at::Tensor& temperatures, const at::Tensor& boundaries);
 
 }  // namespace calibkernels

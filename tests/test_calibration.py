@@ -6,6 +6,7 @@ import torch
 import calibkernels as ck
 from calibkernels import reference
 from calibkernels.calibration import per_sample
+from helpers import make_logits
 
 torch_mc = pytest.importorskip("torchmetrics.functional.classification")
 
@@ -159,9 +160,9 @@ def test_meter_streams_and_round_trips():
     again.load_state_dict(meter.state_dict())
     for k, v in again.compute().items():
         torch.testing.assert_close(v, got[k])
-    meter.reset()
-    with pytest.raises(RuntimeError, match="before any update"):
-        meter.compute()
+    meter.reset()  # no sample: NaN metrics, as for an empty batch
+    empty = meter.compute()
+    assert empty["n"] == 0 and torch.isnan(empty["ece"]) and torch.isnan(empty["adaptive_ece"])
 
 
 def test_reliability_diagram_draws_and_saves(tmp_path):
@@ -181,26 +182,94 @@ def test_opcheck_calibration_bins():
     beta = torch.linspace(0, 1, 16)
     for classwise in [False, True]:
         for per in [False, True]:
-            torch.library.opcheck(torch.ops.calibkernels.calibration_bins.default,
-                                  (x, t, beta, True, -100, classwise, per))
-            torch.library.opcheck(torch.ops.calibkernels.calibration_bins.default,
-                                  (x.softmax(1), t, beta, False, -100, classwise, per))
+            for inp, mode in [(x, 1), (x.softmax(1), 0), (x, -1), (x.softmax(1), -1)]:
+                torch.library.opcheck(torch.ops.calibkernels.calibration_bins.default,
+                                      (inp, t, beta, mode, -100, classwise, per))
+    temps = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.calibkernels.calibration_sweep.default,
+                          (x, t, temps, beta, -100))
 
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda x, t: ck.ece(x.softmax(1) * 2, t, from_logits=False), ValueError, r"in \[0, 1\]"),
     (lambda x, t: ck.ece(-x.softmax(1), t, from_logits=False), ValueError, r"in \[0, 1\]"),
-    (lambda x, t: ck.ece(x[:, :, None], t), ValueError, "must be 2-D"),
-    (lambda x, t: ck.ece(x, t[:-1]), ValueError, "target must hold int64 class indices of shape"),
-    (lambda x, t: ck.ece(x, t.float()), ValueError, "target must hold int64"),
+    (lambda x, t: ck.ece(x[:, :, None], t), ValueError, r"target must have shape \(40, 1\)"),
+    (lambda x, t: ck.ece(x, t[:-1]), ValueError, r"target must have shape \(40,\)"),
+    (lambda x, t: ck.ece(x, t.float()), ValueError, "target must hold class indices"),
     (lambda x, t: ck.ece(x.long(), t), ValueError, "must be floating"),
-    (lambda x, t: ck.ece(x, t, n_bins=0), ValueError, "n_bins must be an int >= 1"),
+    (lambda x, t: ck.ece(x, t, n_bins=0), ValueError, "n_bins must be an integer >= 1"),
+    (lambda x, t: ck.ece(x, t, n_bins=2.5), ValueError, "n_bins must be an integer >= 1"),
+    (lambda x, t: ck.ece(x, t, from_logits="yes"), ValueError, "from_logits must be True"),
     (lambda x, t: ck.calibration_error(x, t, norm="l3"), ValueError, "norm must be one of"),
     (lambda x, t: ck.ece(x, torch.where(t == 0, 12, t)), IndexError, "target 12 at position"),
-    (lambda x, t: ck.CalibrationMeter(n_bins=0), ValueError, "n_bins must be an int >= 1"),
+    (lambda x, t: ck.CalibrationMeter(n_bins=0), ValueError, "n_bins must be an integer >= 1"),
+    (lambda x, t: ck.calibration_sweep(x, t, []), ValueError, "1 to 256 temperatures"),
+    (lambda x, t: ck.calibration_sweep(x, t, [1.0, -2.0]), ValueError, "finite and > 0"),
+    (lambda x, t: ck.calibration_sweep(x, t, torch.ones(300)), ValueError, "1 to 256"),
 ])
 def test_bad_input(call, exc, match):
     x, t = _data(40, 5, dtype=torch.float32, seed=10)
     t[0] = 0
     with pytest.raises(exc, match=match):
         call(x, t)
+
+
+# ---- logits or probabilities (CONTRACT §2): never a silently wrong number ----
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_probabilities_passed_where_logits_are_expected(dtype):
+    # softmax of probabilities is a plausible-looking, wrong ECE: by default the input is read as
+    # probabilities when every value lies in [0, 1] (torchmetrics' rule)
+    x, t = _data(3000, 10, dtype=dtype, seed=11)
+    p = x.softmax(1)
+    for fn in [ck.ece, ck.mce, ck.rmsce, ck.classwise_ece, ck.adaptive_ece]:
+        torch.testing.assert_close(fn(p, t), fn(x, t), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(fn(p, t), fn(p, t, from_logits=False))
+        assert (fn(p, t, from_logits=True) - fn(x, t)).abs() > 1e-3  # forced: softmax again
+    torch.testing.assert_close(ck.ece(p, t), torch_mc.multiclass_calibration_error(
+        p.float(), t, 10, n_bins=15).double(), rtol=1e-5, atol=1e-6)
+    report_p, report_x = ck.calibration_report(p, t), ck.calibration_report(x, t)
+    for k in report_x:
+        torch.testing.assert_close(report_p[k], report_x[k], rtol=1e-5, atol=1e-6)
+    meter = ck.CalibrationMeter(classwise=True, adaptive=True)
+    meter.update(p[:1500], t[:1500]).update(x[1500:], t[1500:])  # decided batch by batch
+    for k, v in meter.compute().items():
+        torch.testing.assert_close(v, report_x[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ignored_samples_do_not_decide_the_reading():
+    x, t = _data(500, 5, seed=12)
+    p = x.softmax(1)
+    p[::10] = x[::10]  # logits, but only in ignored samples: as torchmetrics, still probabilities
+    t[::10] = -100
+    torch.testing.assert_close(ck.ece(p, t), ck.ece(p, t, from_logits=False))
+
+
+@pytest.mark.parametrize("extra", [(3,), (2, 3)])
+def test_k_dimensional_inputs_are_samples_at_every_position(extra):
+    x, t = make_logits(40, 6, torch.float32, extra, seed=13, ignore_index=-100,
+                       requires_grad=False)
+    rows = x.movedim(1, -1).reshape(-1, 6)
+    flat = t.reshape(-1)
+    for fn in [ck.ece, ck.mce, ck.rmsce, ck.classwise_ece, ck.adaptive_ece]:
+        torch.testing.assert_close(fn(x, t), fn(rows, flat))
+    report, flat_report = ck.calibration_report(x, t), ck.calibration_report(rows, flat)
+    for k in report:
+        torch.testing.assert_close(report[k], flat_report[k])
+    meter = ck.CalibrationMeter(classwise=True)
+    meter.update(x, t)
+    torch.testing.assert_close(meter.compute()["classwise_ece"], ck.classwise_ece(rows, flat))
+    sweep = ck.calibration_sweep(x, t, [0.5, 2.0])
+    torch.testing.assert_close(sweep["nll"], ck.calibration_sweep(rows, flat, [0.5, 2.0])["nll"])
+
+
+def test_integer_like_n_bins_and_uint8_targets():
+    import numpy as np
+
+    x, t = _data(300, 6, seed=14)
+    expected = ck.ece(x, t, 15)
+    for n_bins in [np.int64(15), np.int32(15), torch.tensor(15)]:
+        torch.testing.assert_close(ck.ece(x, t, n_bins), expected)
+        torch.testing.assert_close(ck.calibration_report(x, t, n_bins)["ece"], expected)
+        assert ck.CalibrationMeter(n_bins).n_bins == 15
+    torch.testing.assert_close(ck.ece(x, t.to(torch.uint8)), expected)

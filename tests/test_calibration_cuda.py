@@ -65,9 +65,12 @@ def test_gpu_poisons_bad_samples(backend):
 def test_gpu_opcheck(op):
     x, t = _data(300, 7, dtype=torch.float32, seed=2, ignore=True)
     beta = torch.linspace(0, 1, 16, device="cuda")
+    if op.endswith("triton"):
+        ck.ops.load_triton()
     for classwise in [False, True]:
-        torch.library.opcheck(getattr(torch.ops.calibkernels, op).default,
-                              (x.cuda(), t.cuda(), beta, True, -100, classwise, True))
+        for inp, mode in [(x, 1), (x.softmax(1), 0), (x, -1), (x.softmax(1), -1)]:
+            torch.library.opcheck(getattr(torch.ops.calibkernels, op).default,
+                                  (inp.cuda(), t.cuda(), beta, mode, -100, classwise, True))
 
 
 def test_gpu_meter_sync_nccl_single_rank(tmp_path):
@@ -85,3 +88,39 @@ def test_gpu_meter_sync_nccl_single_rank(tmp_path):
             torch.testing.assert_close(after[k], v)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_update_adds_no_host_sync(backend):
+    # the logits-or-probabilities rule is decided on the device; AdaECE's samples kept as they are
+    x, t = _data(4096, 100, dtype=torch.float32, seed=4, ignore=True)
+    x, t = x.cuda(), t.cuda()
+    meter = ck.CalibrationMeter(classwise=True, adaptive=True, backend=backend)
+    meter.update(x, t)  # warm-up: Triton compiles
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        meter.update(x, t).update(x.softmax(1), t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = ck.CalibrationMeter(classwise=True, adaptive=True)
+    cpu.update(x.cpu(), t.cpu()).update(x.cpu(), t.cpu()).update(x.softmax(1).cpu(), t.cpu())
+    for k, v in cpu.compute().items():
+        torch.testing.assert_close(meter.compute()[k].cpu(), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_report_and_sweep_match_cpu(backend, dtype):
+    x, t = _data(20000, 100, dtype=torch.float64, seed=5, ignore=True)
+    x = x.to(dtype)
+    for inp in [x, x.float().softmax(1).to(dtype)]:
+        gpu = ck.calibration_report(inp.cuda(), t.cuda(), backend=backend)
+        cpu = ck.calibration_report(inp, t)
+        for k, v in cpu.items():
+            torch.testing.assert_close(gpu[k].cpu(), v, rtol=1e-4, atol=1e-5, msg=k)
+    temps = [i / 10 for i in range(1, 101)]
+    gpu = ck.calibration_sweep(x.cuda(), t.cuda(), temps, backend=backend)
+    cpu = ck.calibration_sweep(x, t, temps)
+    torch.testing.assert_close(gpu["nll"].cpu(), cpu["nll"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gpu["ece"].cpu(), cpu["ece"], rtol=1e-3, atol=1e-4)

@@ -12,7 +12,7 @@ from calibkernels.calibration import binned_error, classwise_ece_from_state
 from test_calibration import _data
 
 pytestmark = pytest.mark.skipif(
-    ck.ops.calibration_bins_triton is None
+    not ck.ops.triton_available()
     or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs triton with a GPU or TRITON_INTERPRET=1")
 
@@ -72,3 +72,23 @@ def test_triton_poisons_bad_samples_instead_of_reading_astray():
     p[4, 1] = 1.5  # not a probability
     assert torch.isnan(ck.ece(p, t, from_logits=False, backend="triton"))
     assert torch.isfinite(ck.ece(x.softmax(1), t, from_logits=False, backend="triton"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_triton_report_matches_cpp(dtype, probabilities):
+    x, t = _data(300, 17, dtype=torch.float64, seed=5, ignore=True)
+    inp = (x.softmax(1) if probabilities else x).to(dtype)
+    ours = ck.calibration_report(inp.to(DEVICE), t.to(DEVICE), backend="triton")
+    cpp = ck.calibration_report(inp, t)
+    for k, v in cpp.items():
+        torch.testing.assert_close(ours[k].cpu(), v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_triton_sweep_matches_cpp():
+    x, t = _data(400, 13, dtype=torch.float32, seed=6, ignore=True)
+    temps = [0.3, 1.0, 2.5]
+    ours = ck.calibration_sweep(x.to(DEVICE), t.to(DEVICE), temps, backend="triton")
+    cpp = ck.calibration_sweep(x, t, temps)
+    torch.testing.assert_close(ours["nll"].cpu(), cpp["nll"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours["ece"].cpu(), cpp["ece"], rtol=1e-4, atol=1e-5)

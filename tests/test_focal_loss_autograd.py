@@ -179,3 +179,59 @@ def test_gradients_reach_class_weights_and_probability_targets(gamma):
             torch_ = torch.autograd.grad(F.cross_entropy(xr, tgt, w, label_smoothing=0.1), inputs)
             for a, b in zip(ours, torch_):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_create_graph_runs_the_inputs_hooks_once():
+    # the double-backward path differentiates through an alias: a hook on the logits (or
+    # retain_grad) runs once, as with F.cross_entropy
+    x, t = _case(8)
+    w0 = torch.randn(7, 7, dtype=torch.float64)
+    results = []
+    for fn in [ck.focal_loss, lambda x, t, **kw: F.cross_entropy(x, t)]:
+        w = w0.clone().requires_grad_()
+        h = x @ w
+        h.register_hook(lambda g: g * 10)
+        h.retain_grad()
+        fn(h, t, gamma=0.0).backward(create_graph=True)
+        results.append((w.grad.detach(), h.grad.detach()))
+    for ours, torch_ in zip(*results):
+        torch.testing.assert_close(ours, torch_, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.5], ids=str)
+def test_composite_path_is_finite_where_p_is_one(gamma):
+    # p_y = 1 in float64 (a margin of ~40): q^gamma's derivative is infinite at 0 for gamma < 1
+    x = torch.tensor([[40.0, 0.0, -5.0], [1.0, 2.0, 0.5]], dtype=torch.float64,
+                     requires_grad=True)
+    t = torch.tensor([0, 1])
+    (g,) = torch.autograd.grad(ck.focal_loss(x, t, gamma=gamma), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    assert torch.isfinite(g).all() and torch.isfinite(h).all()
+    (plain,) = torch.autograd.grad(ck.focal_loss(x, t, gamma=gamma), x)
+    torch.testing.assert_close(g.detach(), plain, rtol=1e-10, atol=1e-14)
+    assert torch.isfinite(torch.func.grad(lambda x: ck.focal_loss(x, t, gamma=gamma))(x)).all()
+
+
+def test_unbatched_input_backward_again_after_its_gradient_is_modified():
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(3)
+    loss = ck.focal_loss(x, t, gamma=2.0)
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    (g,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g.mul_(2)  # the user's tensor: the graph keeps no reference that this could invalidate
+    loss.backward()
+    (expected,) = torch.autograd.grad(reference.focal_loss(x, t, gamma=2.0), x)
+    torch.testing.assert_close(x.grad, 4 * expected)
+
+
+def test_backward_op_called_directly_checks_targets():
+    x, t = _case(9)
+    table = torch.tensor([2.0], dtype=torch.float64)
+    _, grad, stats = torch.ops.calibkernels.focal_loss_forward(x, t, None, table, -100, 0.0,
+                                                               "mean", True)
+    bad = t.clone()
+    bad[0] = 7
+    with pytest.raises(IndexError, match="target 7 at position 0"):
+        torch.ops.calibkernels.focal_loss_backward(torch.tensor(2.0, dtype=torch.float64), x,
+                                                   bad, None, table, stats, -100, 0.0, "mean")

@@ -143,3 +143,12 @@ def test_triton_infinite_logits_like_cross_entropy():
     loss = ck.focal_loss(x, t, reduction="none", gamma=0.0, backend="triton")
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, t, reduction="none"),
                                equal_nan=True)
+
+
+def test_triton_ignored_row_with_an_infinite_logit_is_zero():
+    x = torch.tensor([[float("inf"), 0.0], [1.0, 2.0]], device=DEVICE)
+    t = torch.tensor([-100, 1], device=DEVICE)
+    for reduction in ["none", "sum", "mean"]:
+        torch.testing.assert_close(
+            ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="triton"),
+            torch.nn.functional.cross_entropy(x, t, reduction=reduction))

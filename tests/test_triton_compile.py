@@ -41,22 +41,31 @@ def compile_all():
                            "HAS_WEIGHT": True, "DENSE": prob, "MATH_T": math_t,
                            "BLOCK_C": 1024}))
         cases.append((tk.calibration_rows_kernel,
-                      {"X": f"*{dt}", "TARGET": "*i64", "CONF": f"*{acc}", "CORRECT": "*i1",
-                       "ROW_MAX": f"*{acc}", "ROW_SUM": f"*{acc}", "n_classes": "i64",
-                       "ignore_index": "i64"},
-                      {"FROM_LOGITS": True, "STATS": True, "MATH_T": math_t, "BLOCK_C": 1024}))
+                      {"X": f"*{dt}", "TARGET": "*i64", "SAMPLES": f"*{acc}", "CORRECT": "*i1",
+                       "INSIDE": "*i1", "n_classes": "i64", "ignore_index": "i64"},
+                      {"MATH_T": math_t, "BLOCK_C": 1024}))
         cases.append((tk.calibration_classwise_partials_kernel,
-                      {"X": f"*{dt}", "TARGET": "*i64", "ROW_MAX": f"*{acc}",
-                       "ROW_SUM": f"*{acc}", "CONF": f"*{acc}", "BETA": "*fp32",
+                      {"X": f"*{dt}", "TARGET": "*i64", "SAMPLES": f"*{acc}", "BETA": "*fp32",
                        "PART_COUNTS": "*i64", "PART_SUMS": "*fp64", "PART_HITS": "*i64",
                        "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64",
                        "rows_per_chunk": "i64"},
                       {"FROM_LOGITS": True, "MATH_T": math_t, "N_BINS": 15, "NB": 16,
                        "BLOCK_R": 16, "BLOCK_K": 32}))
+        cases.append((tk.calibration_sweep_rows_kernel,
+                      {"X": f"*{dt}", "TARGET": "*i64", "TEMPS": "*fp64", "CONF": f"*{acc}",
+                       "NLL": f"*{acc}", "CORRECT": "*i1", "n_classes": "i64",
+                       "ignore_index": "i64", "n_temps": "i32"},
+                      {"MATH_T": math_t, "BLOCK_T": 128, "BLOCK_C": 64}))
     cases.append((tk.calibration_top_partials_kernel,
-                  {"CONF": "*fp32", "CORRECT": "*i1", "TARGET": "*i64", "BETA": "*fp32",
+                  {"SAMPLES": "*fp32", "CORRECT": "*i1", "TARGET": "*i64", "BETA": "*fp32",
                    "PART_COUNTS": "*i64", "PART_SUMS": "*fp64", "PART_HITS": "*i64",
-                   "n_rows": "i64", "ignore_index": "i64"},
+                   "PART_TOTALS": "*fp64", "n_rows": "i64", "ignore_index": "i64"},
+                  {"READING": 3, "N_BINS": 15, "NB": 16, "BLOCK_R": 512}))
+    cases.append((tk.calibration_sweep_partials_kernel,
+                  {"CONF": "*fp32", "NLL": "*fp32", "CORRECT": "*i1", "TARGET": "*i64",
+                   "BETA": "*fp32", "PART_COUNTS": "*i64", "PART_SUMS": "*fp64",
+                   "PART_HITS": "*i64", "PART_NLL": "*fp64", "n_rows": "i64", "n_temps": "i32",
+                   "ignore_index": "i64"},
                   {"N_BINS": 15, "NB": 16, "BLOCK_R": 512}))
     for arch in (80, 90):
         for fn, signature, constexprs in cases:

@@ -1,4 +1,4 @@
-// The CUDA calibration launcher: raw pointers and sizes only (no torch headers in .cu files).
+// The CUDA calibration launchers: raw pointers and sizes only (no torch headers in .cu files).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,6 +13,12 @@ namespace calibkernels {
 constexpr int64_t kCalibRowsPerChunk = 2048;
 constexpr int64_t kCalibClasswiseMaxPartials = int64_t(1) << 22;  // chunks x C x n_bins
 constexpr int kCalibMaxClasswiseBins = 96;  // shared memory of the classwise kernel
+constexpr int kCalibMaxTemperatures = 256;
+
+// Per-sample values of the rows kernel (columns of `samples`): the softmax reading (confidence,
+// Brier, NLL), the probability reading (the same three), the row's max and sum of exp(x - max).
+enum SampleColumn : int { kConfL, kBrierL, kNllL, kConfP, kBrierP, kNllP, kRowMax, kRowSum,
+                          kSampleColumns };
 
 inline int64_t calib_top_chunks(int64_t n_rows) {
   return n_rows == 0 ? 1 : (n_rows + kCalibRowsPerChunk - 1) / kCalibRowsPerChunk;
@@ -31,25 +37,56 @@ struct CalibrationLaunch {
   const float* boundaries;  // (n_bins + 1)
   int n_bins;
   int64_t n_rows, n_classes, ignore_index;
-  bool from_logits, classwise, vectorized;
-  void* confidence;  // (n_rows) math type: top probability (NaN: poisoned sample)
-  bool* correct;     // (n_rows)
-  void* row_max;     // (n_rows) math type, classwise from logits only
-  void* row_sum;     // (n_rows) math type, classwise from logits only
-  int64_t* counts;   // (n_bins)
+  bool vectorized;
+  void* samples;   // (n_rows, kSampleColumns) math type (NaN confidence: a poisoned sample)
+  bool* correct;   // (n_rows)
+  bool* inside;    // (n_rows): every value of a kept sample in [0, 1] (true when ignored)
+  int64_t* counts;  // (n_bins)
   double* conf_sums;
   int64_t* hits;
-  int64_t* cw_counts;  // (n_classes, n_bins), classwise only
+  double* totals;  // (2): sums of Brier and NLL
+  int64_t* cw_counts;  // (n_classes, n_bins)
   double* cw_conf_sums;
   int64_t* cw_hits;
   int64_t* part_counts;  // (calib_top_chunks, n_bins) workspace
   double* part_sums;
   int64_t* part_hits;
+  double* part_totals;      // (calib_top_chunks, 2) workspace
   int64_t* cw_part_counts;  // (calib_classwise_chunks, n_classes, n_bins) workspace
   double* cw_part_sums;
   int64_t* cw_part_hits;
 };
 
-cudaError_t launch_calibration(const CalibrationLaunch& args, cudaStream_t stream);
+// The rows, once: samples, correct, inside.
+cudaError_t launch_calibration_rows(const CalibrationLaunch& p, cudaStream_t stream);
+// The top-label state, Brier and NLL sums of one reading (from samples): counts ... totals.
+cudaError_t launch_calibration_top(const CalibrationLaunch& p, bool from_logits,
+                                   cudaStream_t stream);
+// The classwise state of one reading (reads the input again): cw_counts, cw_conf_sums, cw_hits.
+cudaError_t launch_calibration_classwise(const CalibrationLaunch& p, bool from_logits,
+                                         cudaStream_t stream);
+
+struct SweepLaunch {
+  DType dtype;
+  const void* logits;  // (n_rows, n_classes), contiguous
+  const int64_t* target;
+  const float* boundaries;
+  int n_bins, n_temps;
+  int64_t n_rows, n_classes, ignore_index;
+  double temperatures[kCalibMaxTemperatures];
+  void* conf;     // (n_rows, n_temps) math type workspace
+  void* nll;      // (n_rows, n_temps) math type workspace
+  bool* correct;  // (n_rows) workspace
+  int64_t* counts;  // (n_temps, n_bins)
+  double* conf_sums;
+  int64_t* hits;
+  double* nll_sums;      // (n_temps)
+  int64_t* part_counts;  // (calib_top_chunks, n_temps, n_bins) workspace
+  double* part_sums;
+  int64_t* part_hits;
+  double* part_nll;  // (calib_top_chunks, n_temps) workspace
+};
+
+cudaError_t launch_calibration_sweep(const SweepLaunch& p, cudaStream_t stream);
 
 }  // namespace calibkernels
