@@ -11,8 +11,8 @@ import os
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from ._optional import require
 from .calibration import adaptive_ece, classwise_ece, ece
 from .focal_loss import FocalLoss, focal_loss
 from .temperature import fit_temperature
@@ -22,9 +22,7 @@ LOSSES = {"CE": 0.0, "FL-3": 3.0, "FLSD-53": "flsd-53"}
 
 def load_digits_split(seed=0, device="cpu"):
     """Standardised digits (1797 x 64, 10 classes), split 60 / 20 / 20 into train / val / test."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "demo", "the demo").load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -47,7 +45,9 @@ def train(model, loss_fn, train_xy, eval_xy, *, epochs=300, batch_size=64, lr=1e
     x, y = train_xy
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    for epoch in tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False):
+    tqdm = require("tqdm", "demo", "the demo").tqdm
+    # disable=None: a progress bar on a terminal, none in a piped log (whole lines only there)
+    for epoch in tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False, disable=None):
         model.train()
         total = torch.zeros((), device=x.device)
         for idx in torch.randperm(len(y), generator=g).to(x.device).split(batch_size):
@@ -90,8 +90,9 @@ def run(epochs=300, seed=0, device="cpu", out="out/demo", json_path=None,
                                            data["test"], epochs=epochs, seed=seed, desc=name):
             nlls.append(nll)
             if epoch % max(1, epochs // 5) == 0 or epoch == epochs:
-                tqdm.write(f"{name:8s} epoch {epoch:4d}  train loss {loss:.4f}  "
-                           f"test NLL {nll:.4f}  test accuracy {100 * acc:.2f}%")
+                require("tqdm", "demo", "the demo").tqdm.write(
+                    f"{name:8s} epoch {epoch:4d}  train loss {loss:.4f}  test NLL {nll:.4f}  "
+                    f"test accuracy {100 * acc:.2f}%")
         with torch.no_grad():
             val_logits, test_logits = model(x_val), model(x_test)
         t = fit_temperature(val_logits, y_val, temperature_criterion)
@@ -102,9 +103,8 @@ def run(epochs=300, seed=0, device="cpu", out="out/demo", json_path=None,
                          "test_nll_per_epoch": [round(v, 5) for v in nlls]}
         from .plotting import reliability_diagram
 
-        fig = reliability_diagram(test_logits, y_test, title=f"{name}, digits test set",
-                                  path=os.path.join(out, f"reliability_{name}.png"))
-        fig.clf()
+        reliability_diagram(test_logits, y_test, title=f"{name}, digits test set",
+                            path=os.path.join(out, f"reliability_{name}.png"))
     _plot_nll(results, os.path.join(out, "test_nll.png"))
     print(table(results))
     print(f"reliability diagrams and test_nll.png written to {out}/")
@@ -128,13 +128,10 @@ def table(results):
 
 
 def _plot_nll(results, path):
-    """Test NLL against epochs for each loss (the paper's Fig. 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Test NLL against epochs for each loss (the paper's Fig. 3), on a Figure of its own."""
+    Figure = require("matplotlib.figure", "demo", "the demo's plots").Figure
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name, r in results.items():
         nll = r["test_nll_per_epoch"]
         ax.plot(range(1, len(nll) + 1), nll, label=name)
@@ -146,4 +143,3 @@ def _plot_nll(results, path):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

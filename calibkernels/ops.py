@@ -5,7 +5,50 @@ import importlib.util
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers the ops)
+
+
+def _torch_build(version, cuda):
+    """What an extension must match: torch's major.minor and its CUDA major (or no CUDA)."""
+    major_minor = ".".join(version.split("+")[0].split(".")[:2])
+    return major_minor, None if cuda is None else cuda.split(".")[0]
+
+
+def _describe(version, cuda):
+    return f"torch {version} ({'CUDA ' + cuda if cuda else 'CPU only'})"
+
+
+def _load_extension():
+    """Imports calibkernels._C (which registers the ops), or raises an ImportError that says what
+    it was built against, what is installed, and how to rebuild: never a bare loader error."""
+    fix = ("rebuild calibkernels against the installed torch: pip install --no-build-isolation "
+           "--force-reinstall --no-deps <the calibkernels source folder>")
+    try:
+        from . import _build_info as built
+    except ImportError:
+        raise ImportError("calibkernels' compiled extension is missing (this looks like a source "
+                          "checkout that was never built): pip install --no-build-isolation -e . "
+                          "(or make build)") from None
+    installed = (torch.__version__, torch.version.cuda)
+    if _torch_build(built.TORCH_VERSION, built.TORCH_CUDA) != _torch_build(*installed):
+        raise ImportError(f"calibkernels was built against "
+                          f"{_describe(built.TORCH_VERSION, built.TORCH_CUDA)}, but "
+                          f"{_describe(*installed)} is installed; {fix}")
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the ops)
+    except (ImportError, OSError) as e:
+        raise ImportError(f"calibkernels' extension failed to load ({e}); it was built against "
+                          f"{_describe(built.TORCH_VERSION, built.TORCH_CUDA)} and "
+                          f"{_describe(*installed)} is installed; {fix}") from e
+
+
+_load_extension()
+
+
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels run with now: "AVX512", "AVX2" or "DEFAULT" — the
+    widest this CPU has among those built, lowered by CALIBKERNELS_CPU_CAPABILITY (or by torch's
+    ATEN_CPU_CAPABILITY), read at every call."""
+    return torch.ops.calibkernels.cpu_capability()
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,6 +94,57 @@ torch.library.register_fake("calibkernels::focal_loss_backward_",
 
 # The differentiable op (autograd and autocast in csrc/focal_loss_autograd.cpp).
 focal_loss = torch.ops.calibkernels.focal_loss.default
+
+
+# The phases over a window of classes (csrc/cpu/focal_loss_phases_cpu.cpp).
+@torch.library.register_fake("calibkernels::focal_loss_partial_stats")
+def _partial_stats_fake(input, target, class_offset, ignore_index):
+    return input.new_empty((input.shape[0], 4), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("calibkernels::focal_loss_partial_sums")
+def _partial_sums_fake(input, target, gamma, row_stats, class_offset, n_classes, ignore_index,
+                       label_smoothing):
+    return input.new_empty((input.shape[0], 2), dtype=_acc_dtype(input.dtype))
+
+
+@torch.library.register_fake("calibkernels::focal_loss_finish")
+def _finish_fake(row_stats, sums, target, gamma, n_classes, ignore_index, label_smoothing,
+                 reduction):
+    n = row_stats.shape[0]
+    return _loss_like(row_stats, reduction, row_stats.dtype), row_stats.new_empty((n, ROW_STATS))
+
+
+@torch.library.register_fake("calibkernels::focal_loss_window_grad")
+def _window_grad_fake(grad_output, input, target, stats, class_offset, n_classes, ignore_index,
+                      label_smoothing, reduction):
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+focal_loss_partial_stats = torch.ops.calibkernels.focal_loss_partial_stats.default
+focal_loss_partial_sums = torch.ops.calibkernels.focal_loss_partial_sums.default
+focal_loss_finish = torch.ops.calibkernels.focal_loss_finish.default
+focal_loss_window_grad = torch.ops.calibkernels.focal_loss_window_grad.default
+
+
+torch.library.register_fake("calibkernels::scale_unless_one_", lambda t, scale: None)
+scale_unless_one_ = torch.ops.calibkernels.scale_unless_one_.default
+
+
+def focal_loss_forward_op(kernel):
+    """The forward phase op of a backend: the C++ kernels' ("cpu", "cuda") or Triton's."""
+    if kernel == "triton":
+        load_triton()
+        return torch.ops.calibkernels.focal_loss_forward_triton.default
+    return torch.ops.calibkernels.focal_loss_forward.default
+
+
+def focal_loss_backward_op(kernel):
+    """The gradient phase op of a backend."""
+    if kernel == "triton":
+        load_triton()
+        return torch.ops.calibkernels.focal_loss_backward_triton.default
+    return torch.ops.calibkernels.focal_loss_backward.default
 
 
 @torch.library.register_fake("calibkernels::calibration_bins")

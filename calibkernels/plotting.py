@@ -4,16 +4,12 @@ nothing stays open when the figure is dropped (a diagram per epoch does not leak
 
 import torch
 
+from ._optional import require
 from .calibration import binned_error, reliability_table
 
 
 def _matplotlib():
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError("calibkernels.reliability_diagram needs matplotlib: "
-                          "pip install 'calibkernels[plot]'") from None
-    return Figure
+    return require("matplotlib.figure", "plot", "calibkernels.reliability_diagram").Figure
 
 
 def reliability_diagram(logits_or_probs=None, target=None, n_bins=15, from_logits=None,

@@ -10,15 +10,12 @@ does) of shape (N, C) or (N, C, d1, ..., dk), class dimension 1.
 
 import torch
 
-try:
-    from torchmetrics import Metric
-except ImportError:
-    raise ImportError("calibkernels.torchmetrics_adapter needs torchmetrics: "
-                      "pip install 'calibkernels[torchmetrics]'") from None
-
+from ._optional import require
 from .calibration import (NORMS, CalibrationState, _bins, _mode, adaptive_ece_from_samples,
                           as_n_bins, as_rows, binned_error, classwise_ece_from_state,
                           table_from_state)
+
+Metric = require("torchmetrics", "torchmetrics", "calibkernels.torchmetrics_adapter").Metric
 
 
 class _BinnedCalibration(Metric):

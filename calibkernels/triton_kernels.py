@@ -280,7 +280,7 @@ CONF_L, BRIER_L, NLL_L, CONF_P, BRIER_P, NLL_P, ROW_MAX, ROW_SUM, N_SAMPLE_COLS 
 def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, n_classes, ignore_index,
                             MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """One row: its prediction (torch.argmax's lowest index on ties), both readings of it
-    (csrc/calibration_cpu.cpp's softmax_sample and probability_sample: sums that leave out the
+    (csrc/cpu/calibration_cpu.cpp's softmax_sample and probability_sample: sums that leave out the
     true class, so that nothing cancels as p_y -> 1), and whether its values lie in [0, 1]."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * n_classes

@@ -27,8 +27,8 @@ static void check_gamma(double g, const char* what) {
                     " must be a finite number >= 0, got ", g);
 }
 
-// The gamma table [thresholds..., gammas..., default] (see GammaSchedule), its values checked when
-// it is on the CPU; a table on the input's device is read there by the kernels.
+// The gamma table [thresholds..., gammas..., default] (see GammaSchedule): its length, and on the
+// CPU its values, checked; a table on the input's device is read there by the kernels.
 static void check_gamma_table(const at::Tensor& gamma, const at::Tensor& input,
                               FocalLossOptions& o) {
   TORCH_CHECK_VALUE(gamma.scalar_type() == at::kDouble && gamma.dim() == 1,
@@ -46,9 +46,17 @@ static void check_gamma_table(const at::Tensor& gamma, const at::Tensor& input,
     o.schedule.n = static_cast<int>((len - 1) / 2);
     return;
   }
+  o.schedule = cpu_gamma_schedule(gamma);
+}
+
+GammaSchedule cpu_gamma_schedule(const at::Tensor& gamma) {
+  TORCH_CHECK_VALUE(gamma.is_cpu() && gamma.scalar_type() == at::kDouble && gamma.dim() == 1 &&
+                        gamma.numel() % 2 == 1 && gamma.numel() <= 2 * kMaxGammaPieces + 1,
+                    "focal_loss: gamma must be a 1-D float64 CPU table of 2 n + 1 values, n <= ",
+                    kMaxGammaPieces);
   const at::Tensor table = gamma.contiguous();
-  o.schedule = schedule_from_table(table.const_data_ptr<double>(), static_cast<int>(len));
-  const GammaSchedule& s = o.schedule;
+  const GammaSchedule s =
+      schedule_from_table(table.const_data_ptr<double>(), static_cast<int>(table.numel()));
   for (int j = 0; j < s.n; ++j) {
     TORCH_CHECK_VALUE(s.thresholds[j] > 0.0 && s.thresholds[j] <= 1.0,
                       "focal_loss: schedule thresholds must lie in (0, 1], got ", s.thresholds[j]);
@@ -58,6 +66,7 @@ static void check_gamma_table(const at::Tensor& gamma, const at::Tensor& input,
     check_gamma(s.gammas[j], "every gamma");
   }
   check_gamma(s.fallback, "gamma");
+  return s;
 }
 
 FocalLossOptions check_focal_loss_args(const at::Tensor& input, const at::Tensor& target,
@@ -190,6 +199,29 @@ TORCH_LIBRARY(calibkernels, m) {
   m.def(
       "focal_loss_aten(Tensor input, Tensor target, Tensor? weight, Tensor gamma, "
       "int ignore_index, float label_smoothing, str reduction) -> Tensor");
+  // The phases over a window of each row's classes (columns [class_offset, class_offset + C_w)
+  // of n_classes): a row split across processes (vocabulary-parallel training) or computed piece
+  // by piece (csrc/cpu/focal_loss_phases_cpu.cpp). Class indices only; no class weights.
+  // (N, 4) in the math type: max, #equal to it, sum of exp(x - max) over the rest, and the
+  // target's logit (-inf when the window does not hold it).
+  m.def("focal_loss_partial_stats(Tensor input, Tensor target, int class_offset, "
+        "int ignore_index) -> Tensor");
+  // With label smoothing: (N, 2) sums over the window of (eps / C) f_k and, for k != y,
+  // (eps / C) G_k, from row_stats, the combined (N, 4) statistics of every window.
+  m.def("focal_loss_partial_sums(Tensor input, Tensor target, Tensor gamma, Tensor row_stats, "
+        "int class_offset, int n_classes, int ignore_index, float label_smoothing) -> Tensor");
+  // Each row's loss (reduced as asked, in the math type) and RowStats from the combined
+  // statistics and sums (an empty sums tensor without label smoothing).
+  m.def("focal_loss_finish(Tensor row_stats, Tensor sums, Tensor target, Tensor gamma, "
+        "int n_classes, int ignore_index, float label_smoothing, str reduction) -> "
+        "(Tensor loss, Tensor stats)");
+  // The window's gradient: grad_output times d loss / d input from focal_loss_finish's stats.
+  m.def("focal_loss_window_grad(Tensor grad_output, Tensor input, Tensor target, Tensor stats, "
+        "int class_offset, int n_classes, int ignore_index, float label_smoothing, "
+        "str reduction) -> Tensor");
+  // t *= scale (one value), nothing at all when it is 1 (on CUDA decided on the device): how
+  // gradients computed in a forward take grad_output (linear_focal_loss).
+  m.def("scale_unless_one_(Tensor(a!) t, Tensor scale) -> ()");
   // Histogram-binned calibration state of CONTRACT §2 for (N, C) input, read once. mode: 1 logits
   // (softmax inside), 0 probabilities, -1 auto (probabilities when every value of a non-ignored
   // sample lies in [0, 1]). boundaries: float32 torch.linspace(0, 1, n_bins + 1). Returns the

@@ -4,6 +4,7 @@
 #include "focal_loss_row.h"  // CK_HD
 
 namespace calibkernels {
+CK_CAPABILITY_BEGIN
 
 // bin(c) = #{ j in 1 .. n_bins-1 : boundaries[j] < c }, against the float32 boundaries
 // torch.linspace(0, 1, n_bins + 1) (so bins are (lo, hi], and c = 0 falls in bin 0). A guess from
@@ -18,4 +19,5 @@ CK_HD int bin_index(T c, const float* boundaries, int n_bins) {
   return g;
 }
 
+CK_CAPABILITY_END
 }  // namespace calibkernels

@@ -11,6 +11,17 @@
 #define CK_HD inline
 #endif
 
+// The functions of the row headers are compiled once per CPU instruction set (csrc/cpu/, with
+// -DCPU_CAPABILITY=...): a namespace of their own keeps the linker from merging one instruction
+// set's copy into another's. Types stay outside: every translation unit shares them.
+#if defined(CPU_CAPABILITY)
+#define CK_CAPABILITY_BEGIN namespace CPU_CAPABILITY {
+#define CK_CAPABILITY_END }
+#else
+#define CK_CAPABILITY_BEGIN
+#define CK_CAPABILITY_END
+#endif
+
 namespace calibkernels {
 
 // The most pieces an adaptive-gamma schedule may have (CONTRACT §1).
@@ -25,6 +36,24 @@ struct GammaSchedule {
   double gammas[kMaxGammaPieces];
   double fallback;
 };
+
+template <typename T>
+struct FocalTerms {
+  T p, q, f, G;
+};
+
+// What the gradient phase needs of a row, saved by the forward (the `stats` output, one row of
+// kRowStats values in the math type): d loss / d x_j = go scale (p_j S - a_j G_j) with
+// p_j = exp(x_j - m) / s, a_j the target mass and G_j from (x_j - m) - log_s and gamma; the true
+// class of a class-index target takes go scale g_y instead (formed without cancellation). scale
+// is 1 / the mean's divisor for "mean", else 1, and 0 for an ignored sample.
+template <typename T>
+struct RowStats {
+  T m, s, log_s, gamma, S, g_y, scale;
+};
+constexpr int kRowStats = 7;
+
+CK_CAPABILITY_BEGIN
 
 // Unpacks a table of 2n + 1 values (n <= kMaxGammaPieces; callers check the length).
 CK_HD GammaSchedule schedule_from_table(const double* table, int n_values) {
@@ -77,10 +106,6 @@ CK_HD T select_gamma(const GammaSchedule& s, T p_y) {
 //   p = exp(lp), q = 1 - p (as -expm1(lp): exact where p -> 1, the regime focal loss is for),
 //   f = q^gamma * log p        (the loss term, before the factor -t_k w_k)
 //   G = p f'(p) = q^gamma (1 - gamma p log p / q)   (the gradient factor)
-template <typename T>
-struct FocalTerms {
-  T p, q, f, G;
-};
 
 // q^gamma: repeated products for the integer gammas the paper uses (1, 2, 3, 5, ...), as torch's
 // pow does for 2 and 3, several times cheaper than powf; powf for the rest.
@@ -126,21 +151,13 @@ CK_HD T true_class_grad(const FocalTerms<T>& ty, T S_other, T aG_y) {
   return ty.p * S_other - ty.q * aG_y;
 }
 
-// What the gradient phase needs of a row, saved by the forward (the `stats` output, one row of
-// kRowStats values in the math type): d loss / d x_j = go scale (p_j S - a_j G_j) with
-// p_j = exp(x_j - m) / s, a_j the target mass and G_j from (x_j - m) - log_s and gamma; the true
-// class of a class-index target takes go scale g_y instead (formed without cancellation). scale
-// is 1 / the mean's divisor for "mean", else 1, and 0 for an ignored sample.
-template <typename T>
-struct RowStats {
-  T m, s, log_s, gamma, S, g_y, scale;
-};
-constexpr int kRowStats = 7;
 
 // A row whose max is +inf is NaN, as in torch (x - max is inf - inf there).
 template <typename T>
 CK_HD bool poisoned_max(T m) {
   return m == static_cast<T>(INFINITY);
 }
+
+CK_CAPABILITY_END
 
 }  // namespace calibkernels

@@ -28,6 +28,9 @@ FocalLossOptions check_focal_loss_args(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& gamma, int64_t ignore_index,
                                        double label_smoothing, c10::string_view reduction);
 
+// A CPU gamma table unpacked, its values checked (finite gammas >= 0, increasing thresholds).
+GammaSchedule cpu_gamma_schedule(const at::Tensor& gamma);
+
 // The target as the kernels read it: int64 class indices (uint8 widened), or probabilities in
 // the input's dtype or its math type (float32 / float64), contiguous.
 at::Tensor kernel_target(const at::Tensor& input, const at::Tensor& target, bool prob_target);

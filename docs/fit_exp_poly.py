@@ -1,4 +1,4 @@
-"""Coefficients of the CPU kernels' float32 exp polynomial (csrc/cpu_exp.h): exp(r) ~ 1 + c1 r +
+"""Coefficients of the CPU kernels' float32 exp polynomial (csrc/cpu/cpu_exp.h): exp(r) ~ 1 + c1 r +
 ... + c5 r^5 on |r| <= ln2 / 2, minimising the largest relative error (a linear program over a
 dense grid), printed as the float32 hex literals the kernel uses.
 

@@ -257,7 +257,7 @@ def test_unbatched_input_like_cross_entropy():
 @pytest.mark.parametrize("shape", [(512, 300), (4096, 100)], ids=str)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_deterministic_across_thread_counts(shape, label_smoothing):
-    # Rows go to threads dynamically (csrc/cpu_parallel.h); more threads than cores make the
+    # Rows go to threads dynamically (csrc/cpu/cpu_parallel.h); more threads than cores make the
     # threads steal each other's chunks in a different order on every run.
     x, t = make_logits(*shape, torch.float32, seed=4)
     results = []

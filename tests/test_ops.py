@@ -9,7 +9,10 @@ import calibkernels as ck
 from helpers import make_logits
 
 OPS = ["calibkernels::focal_loss_forward", "calibkernels::focal_loss_backward",
-       "calibkernels::focal_loss_backward_", "calibkernels::calibration_bins"]
+       "calibkernels::focal_loss_backward_", "calibkernels::calibration_bins",
+       "calibkernels::calibration_sweep", "calibkernels::focal_loss_partial_stats",
+       "calibkernels::focal_loss_partial_sums", "calibkernels::focal_loss_finish",
+       "calibkernels::focal_loss_window_grad", "calibkernels::scale_unless_one_"]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -295,3 +298,25 @@ def test_changing_gamma_under_compile_neither_breaks_nor_recompiles_per_value():
     for g in (5.0, 4.0, 6.0, 4.5):
         check(ck.GammaSchedule((0.2,), (g,), 3.0))
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_opcheck_the_phases_over_a_window():
+    x, t = make_logits(9, 12, torch.float32, seed=6, ignore_index=-100, requires_grad=False)
+    table = torch.tensor([0.2, 5.0, 3.0], dtype=torch.float64)
+    window = x[:, 4:9].contiguous()
+    stats = torch.ops.calibkernels.focal_loss_partial_stats(window, t, 4, -100)
+    torch.library.opcheck(torch.ops.calibkernels.focal_loss_partial_stats.default,
+                          (window, t, 4, -100))
+    row = torch.ops.calibkernels.focal_loss_partial_stats(x, t, 0, -100)
+    torch.library.opcheck(torch.ops.calibkernels.focal_loss_partial_sums.default,
+                          (window, t, table, row, 4, 12, -100, 0.1))
+    sums = torch.ops.calibkernels.focal_loss_partial_sums(x, t, table, row, 0, 12, -100, 0.1)
+    for reduction in ["none", "mean"]:
+        torch.library.opcheck(torch.ops.calibkernels.focal_loss_finish.default,
+                              (row, sums, t, table, 12, -100, 0.1, reduction))
+        _, st = torch.ops.calibkernels.focal_loss_finish(row, sums, t, table, 12, -100, 0.1,
+                                                         reduction)
+        go = torch.rand(9) if reduction == "none" else torch.tensor(0.5)
+        torch.library.opcheck(torch.ops.calibkernels.focal_loss_window_grad.default,
+                              (go, window, t, st, 4, 12, -100, 0.1, reduction))
+    assert stats.shape == (9, 4)

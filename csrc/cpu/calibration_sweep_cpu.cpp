@@ -3,19 +3,20 @@
 // each sample's confidence and NLL at every T (the row stays in L1 for its K exp passes), then
 // one thread bins them in row order: the same bits for any thread count.
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "calibration_row.h"
+#include "../calibration_row.h"
 #include "cpu_exp.h"
 #include "cpu_parallel.h"
 #include "cpu_rows.h"
-#include "ops.h"
+#include "../ops.h"
+#include "kernels.h"
 
 namespace calibkernels {
+namespace CPU_CAPABILITY {
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -99,6 +100,12 @@ Outputs calibration_sweep_cpu(const at::Tensor& logits, const at::Tensor& target
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(calibkernels, CPU, m) { m.impl("calibration_sweep", &calibration_sweep_cpu); }
+// This instruction set's entry point (kernels.h); csrc/cpu_dispatch.cpp picks one at run time.
+SweepOutputs calibration_sweep(const at::Tensor& logits, const at::Tensor& target,
+                               const at::Tensor& temperatures, const at::Tensor& boundaries,
+                               int64_t ignore_index) {
+  return calibration_sweep_cpu(logits, target, temperatures, boundaries, ignore_index);
+}
 
+}  // namespace CPU_CAPABILITY
 }  // namespace calibkernels

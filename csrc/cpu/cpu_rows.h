@@ -1,6 +1,10 @@
 // Row primitives the CPU kernels share: a row in the math type, its max, the first index of it.
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "csrc/cpu/ is compiled once per CPU capability, with -DCPU_CAPABILITY=..."
+#endif
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -13,6 +17,7 @@
 #endif
 
 namespace calibkernels {
+namespace CPU_CAPABILITY {  // one copy per instruction set (cpu/kernels.h)
 
 // One row in the math type: the row itself, or its widened copy in buf.
 template <typename acc_t, typename T>
@@ -77,4 +82,5 @@ acc_t sum_range(const acc_t* row, int64_t begin, int64_t end, const F& f) {
                                         row + begin, end - begin);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace calibkernels

@@ -6,6 +6,10 @@
 // or 0 that torch gives (a gradient entry of exp(-100) is 3.78e-44, not FLT_MIN).
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "csrc/cpu/ is compiled once per CPU capability, with -DCPU_CAPABILITY=..."
+#endif
+
 #include <ATen/cpu/vec/vec.h>
 
 #include <type_traits>
@@ -15,6 +19,7 @@
 #endif
 
 namespace calibkernels {
+namespace CPU_CAPABILITY {  // one copy per instruction set (cpu/kernels.h)
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The same arithmetic in AVX-512, with scalef for the 2^n step: identical results for x <= 88
@@ -69,4 +74,5 @@ inline Vec vexp(const Vec& x) {
   else return x.exp();
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace calibkernels

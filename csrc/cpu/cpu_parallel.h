@@ -1,6 +1,10 @@
 // Row-parallel loops for the CPU kernels.
 #pragma once
 
+#if !defined(CPU_CAPABILITY)
+#error "csrc/cpu/ is compiled once per CPU capability, with -DCPU_CAPABILITY=..."
+#endif
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -9,6 +13,7 @@
 #include <memory>
 
 namespace calibkernels {
+namespace CPU_CAPABILITY {  // one copy per instruction set (cpu/kernels.h)
 
 // f(begin, end) over the rows [0, n_rows) of row_len values each, in chunks of 64 Ki values.
 // Each thread walks its own contiguous share in order, then helps finish the others': on a
@@ -37,4 +42,5 @@ void parallel_rows(int64_t n_rows, int64_t row_len, const F& f) {
   });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace calibkernels

@@ -9,20 +9,21 @@
 // [0, 1]); the one that holds is returned.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
 
-#include "calibration_row.h"
+#include "../calibration_row.h"
 #include "cpu_exp.h"
 #include "cpu_parallel.h"
 #include "cpu_rows.h"
-#include "ops.h"
+#include "../ops.h"
+#include "kernels.h"
 
 namespace calibkernels {
+namespace CPU_CAPABILITY {
 namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -259,6 +260,13 @@ Outputs calibration_bins_cpu(const at::Tensor& input, const at::Tensor& target,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(calibkernels, CPU, m) { m.impl("calibration_bins", &calibration_bins_cpu); }
+// This instruction set's entry point (kernels.h); csrc/cpu_dispatch.cpp picks one at run time.
+CalibrationOutputs calibration_bins(const at::Tensor& input, const at::Tensor& target,
+                                    const at::Tensor& boundaries, int64_t mode,
+                                    int64_t ignore_index, bool classwise, bool per_sample) {
+  return calibration_bins_cpu(input, target, boundaries, mode, ignore_index, classwise,
+                              per_sample);
+}
 
+}  // namespace CPU_CAPABILITY
 }  // namespace calibkernels
