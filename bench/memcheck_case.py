@@ -1,6 +1,7 @@
 """Small focal-loss and calibration cases for compute-sanitizer memcheck: every dtype, both GPU
 backends, rows that are not a multiple of the vector width, ignored and out-of-range targets,
-probability targets, a gamma table on the device, and each backward phase."""
+probability targets, a gamma table on the device, and each backward phase; the vocabulary-window
+phases, scale_unless_one_, the calibration report and sweep, and the fused linear + focal loss."""
 
 import torch
 
@@ -39,5 +40,30 @@ for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
             ck.calibration_bins(probs, t.clamp(0, c - 1), 15, from_logits=False,
                                 classwise=c <= 1000, backend=backend)
             ck.adaptive_ece(x, t, backend=backend)
+        # the phases over windows of the classes (one window is a rank's slice), odd widths
+        ops = torch.ops.calibkernels
+        tw = torch.where((t >= 0) & (t < c), t, -100)
+        for a, b in [(0, c), (0, (c + 1) // 2), ((c + 1) // 2, c)]:
+            if a == b:
+                continue
+            win = x[:, a:b].contiguous()
+            row = ops.focal_loss_partial_stats(win, tw, a, -100)
+            sums = ops.focal_loss_partial_sums(win, tw, flsd, row, a, c, -100, 0.1)
+            for reduction in ["none", "mean"]:
+                loss, stats = ops.focal_loss_finish(row, sums, tw, flsd, c, -100, 0.1, reduction)
+                go = torch.rand(loss.shape, device="cuda", dtype=loss.dtype)
+                ops.focal_loss_window_grad(go, win, tw, stats, a, c, -100, 0.1, reduction)
+        for scale in [1.0, 0.5]:
+            ops.scale_unless_one_(x.clone(), torch.tensor(scale, device="cuda", dtype=dtype))
+        if small:
+            ck.calibration_report(x, t.clamp(0, c - 1))
+            ck.calibration_sweep(x, t.clamp(0, c - 1), [0.5, 1.0, 2.0])
+            h = torch.randn(37, 16, device="cuda", dtype=dtype, requires_grad=True)
+            wt = torch.randn(c, 16, device="cuda", dtype=dtype, requires_grad=True)
+            for backend in ("cuda", "triton"):
+                for reduction in ["mean", "none"]:
+                    loss = ck.linear_focal_loss(h, wt, t.clamp(0, c - 1), reduction=reduction,
+                                                chunk_size=8, backend=backend)
+                    loss.sum().backward()
 torch.cuda.synchronize()
 print("memcheck cases done")
