@@ -2,9 +2,11 @@
 # The GPU suite on a bare GPU machine: build the extension, run every test (the `cuda`-marked ones
 # included), compute-sanitizer memcheck on small cases, then the benchmarks.
 #   bash bench/gpu_suite.sh OUT_DIR [STAGE ...]
-# STAGE: build tests memcheck bench (the default: all four) and profile (Nsight Compute sections
-# of the kernels in bench/profile_case.py, to logs/ncu.txt and a digest in summary.txt).
-# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, PROFILE_S) so that one call
+# STAGE: build tests memcheck bench (the default: all four), linear (bench/linear_focal_loss.py at
+# 8192 tokens, H = 4096, V = 128256, bf16, gamma = 0 against eager, torch.compile and Liger's fused
+# linear cross entropy, to linear_focal_loss.txt) and profile (Nsight Compute sections of the
+# kernels in bench/profile_case.py, to logs/ncu.txt and a digest in summary.txt).
+# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, LINEAR_S, PROFILE_S) so that one call
 # ends inside the device tool's 10 minutes with its results written. Logs go to OUT_DIR/logs.tar.gz
 # (the device tool returns at most 8 files); summary.txt and the benchmark tables stay beside it.
 # Copy OUT_DIR to bench/results/<date>-<gpu>/ and commit it.
@@ -57,6 +59,14 @@ if has bench; then
   timeout "${BENCH_S:-420}" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
     >"$out/logs/bench.log" 2>&1 || status=1
   tail -5 "$out/logs/bench.log" | tee -a "$out/summary.txt"
+fi
+
+if has linear; then
+  stage linear
+  timeout "${LINEAR_S:-300}" $PY bench/linear_focal_loss.py --device cuda --dtype bfloat16 \
+    --gamma 0 --n 8192 --h 4096 --v 128256 --rounds 10 \
+    --paths eager,compile,linear_focal_loss,liger >"$out/linear_focal_loss.txt" 2>&1 || status=1
+  tee -a "$out/summary.txt" <"$out/linear_focal_loss.txt"
 fi
 
 if has profile; then
