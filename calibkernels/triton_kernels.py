@@ -1,4 +1,4 @@
-"""Triton kernels with the contract of the C++ ones (CONTRACT §1), one program per row.
+"""Triton kernels with the contract of the C++ ones (CONTRACT §1).
 
 The per-row math mirrors csrc/focal_loss_row.h line for line (names included); expm1 and log1p,
 which Triton lacks, use Kahan's exact-ratio forms. Under TRITON_INTERPRET=1 they run on CPU tensors.
@@ -67,70 +67,81 @@ def focal_terms(lp, gamma):
 
 
 @triton.jit
-def _target_mass(PROBS, WEIGHT, offs, mask, c1, b, PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                 math_t: tl.constexpr):
-    """a_k = ((1 - eps) t_k + eps / C) w_k over a block of classes (t_k = 0 for an index target:
-    its one-hot part is added apart)."""
-    a = tl.zeros(offs.shape, math_t) + b
+def _mass(t, WEIGHT, offs, cmask, mask, c1, b, PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+          math_t: tl.constexpr):
+    """a_k = ((1 - eps) t_k + eps / C) w_k over a (rows, classes) tile (t_k = 0 for an index
+    target: its one-hot part is added apart); t is the loaded target tile when PROB."""
+    a = tl.zeros(mask.shape, math_t) + b
     if PROB:
-        a += c1 * tl.load(PROBS + offs, mask=mask, other=0.0).to(math_t)
+        a += c1 * t
     if HAS_WEIGHT:
-        a *= tl.load(WEIGHT + offs, mask=mask, other=0.0).to(math_t)
+        a *= tl.load(WEIGHT + offs, mask=cmask, other=0.0).to(math_t)[None, :]
     return tl.where(mask, a, 0.0)
 
 
 @triton.jit
-def _grad_row(x_row, probs_row, g_row, WEIGHT, n_classes, y, live, fill, m, s, log_s, gamma, S,
-              g_y, coef, c1, b, DENSE: tl.constexpr, PROB: tl.constexpr,
-              HAS_WEIGHT: tl.constexpr, math_t: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The gradient phase (RowStats of csrc/focal_loss_row.h): coef (p_k S - a_k G_k), the true
-    class of an index target coef g_y; `fill` where the sample is ignored (0) or bad (NaN)."""
-    cols = tl.arange(0, BLOCK_C)
-    for start in range(0, n_classes, BLOCK_C):
-        offs = start + cols
-        mask = offs < n_classes
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
-        p_k = tl.exp(x - m) / s
-        if DENSE:
-            a_k = _target_mass(probs_row, WEIGHT, offs, mask, c1, b, PROB, HAS_WEIGHT, math_t)
-            _, _, _, G_k = focal_terms(tl.where(mask, (x - m) - log_s, 0.0), gamma)
-            g = (p_k * S - a_k * G_k) * coef
-        else:
-            g = p_k * S * coef
-        if not PROB:
-            g = tl.where(offs == y, g_y * coef, g)
-        g = tl.where(live, g, fill)
-        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+def _grad_tile(z, a, offs, mask, y, live, fill, s, log_s, gamma, S, g_y, coef,
+               DENSE: tl.constexpr, PROB: tl.constexpr):
+    """The gradient phase (RowStats of csrc/focal_loss_row.h) on a tile, z = x - max: coef
+    (p_k S - a_k G_k), the true class of an index target coef g_y; `fill` where the sample is
+    ignored (0) or bad (NaN). Without a dense target it is one exp and one multiply per element."""
+    e = tl.exp(z)
+    if DENSE:
+        _, _, _, G_k = focal_terms(tl.where(mask, z - log_s[:, None], 0.0), gamma[:, None])
+        g = ((e / s[:, None]) * S[:, None] - a * G_k) * coef[:, None]
+    else:
+        g = e * (S * coef / s)[:, None]
+    if not PROB:
+        g = tl.where(offs[None, :] == y[:, None], (g_y * coef)[:, None], g)
+    return tl.where(live[:, None], g, fill[:, None])
 
 
 @triton.jit
-def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD, STATS,
+def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD, STATS, n_rows,
                               n_classes, ignore_index, eps: tl.float64, N_PIECES: tl.constexpr,
                               PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                               HAS_GRAD: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr,
-                              MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * n_classes  # 64-bit offsets: N * C > 2^31 at LLM vocabularies
-    probs_row = TARGET + row * n_classes
+                              MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                              SINGLE: tl.constexpr, ROW_ALIGN: tl.constexpr):
+    """ROWS rows per program. SINGLE (BLOCK_C >= C): each row is read once into registers and
+    its gradient written from them; otherwise the row streams in BLOCK_C pieces, read again for
+    the gradient (from L2 while the rows in flight fit in it). ROW_ALIGN: a power of two that
+    divides C, so that rows of C = 1000 load in 16 bytes (the runtime only marks C % 16 == 0)."""
     math_t = MATH_T  # float32, or float64 for float64 logits
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_rows = rows < n_rows
+    n_classes = (n_classes // ROW_ALIGN) * ROW_ALIGN  # the same C, now known to be aligned
+    base = rows * n_classes  # 64-bit: N * C > 2^31 at LLM vocabularies; 32-bit inside a row
     cols = tl.arange(0, BLOCK_C)
 
-    # Pass 1: online softmax statistics (max, how many equal it, the sum of exp over the rest).
-    m = tl.full((), float("-inf"), math_t)
-    n_max = tl.zeros((), math_t)
-    rest = tl.zeros((), math_t)
-    for start in range(0, n_classes, BLOCK_C):
-        offs = start + cols
-        mask = offs < n_classes
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(math_t)
-        new_m = tl.maximum(m, tl.max(x, 0))
-        grew = new_m > m
-        rest = tl.where(grew, (rest + n_max) * tl.exp(tl.where(grew, m - new_m, 0.0)), rest)
-        n_max = tl.where(grew, 0.0, n_max)
-        m = new_m
-        at_max = mask & (x == m)
-        n_max += tl.sum(at_max.to(math_t), 0)
-        rest += tl.sum(tl.where(mask & (x != m), tl.exp(x - m), 0.0), 0)
+    # Pass 1: the softmax statistics (max, how many equal it, the sum of exp over the rest).
+    if SINGLE:
+        cmask = cols < n_classes
+        mask = in_rows[:, None] & cmask[None, :]
+        x = tl.load(X + base[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+        x = x.to(math_t)
+        m = tl.max(x, 1)
+        z = x - m[:, None]
+        at_max = mask & (x == m[:, None])
+        n_max = tl.sum(at_max.to(math_t), 1)
+        rest = tl.sum(tl.where(mask & ~at_max, tl.exp(z), 0.0), 1)
+    else:
+        m = tl.full((ROWS,), float("-inf"), math_t)
+        n_max = tl.zeros((ROWS,), math_t)
+        rest = tl.zeros((ROWS,), math_t)
+        for start in range(0, n_classes, BLOCK_C):
+            offs = start + cols
+            mask = in_rows[:, None] & (offs < n_classes)[None, :]
+            x = tl.load(X + base[:, None] + offs[None, :], mask=mask, other=float("-inf"))
+            x = x.to(math_t)
+            new_m = tl.maximum(m, tl.max(x, 1))
+            grew = new_m > m
+            rest = tl.where(grew, (rest + n_max) * tl.exp(tl.where(grew, m - new_m, 0.0)), rest)
+            n_max = tl.where(grew, 0.0, n_max)
+            m = new_m
+            at_max = mask & (x == m[:, None])
+            n_max += tl.sum(at_max.to(math_t), 1)
+            rest += tl.sum(tl.where(mask & ~at_max, tl.exp(x - m[:, None]), 0.0), 1)
     s = n_max + rest
     log_s = log_sum_exp_shifted(n_max, rest)
 
@@ -138,54 +149,74 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD
     c1 = 1.0 - eps
     b = eps / n_classes
     if PROB:
-        y = tl.full((), -1, tl.int64)
-        live = tl.full((), 1, tl.int1)
-        bad = tl.full((), 0, tl.int1)
-        p_sel = tl.zeros((), math_t)
-        if N_PIECES > 0:  # gamma from sum_k t_k p_k
+        y = tl.full((ROWS,), -1, tl.int64)
+        live = in_rows
+        bad = rows < 0  # never
+        p_sel = tl.zeros((ROWS,), math_t)
+        if SINGLE:
+            t = tl.load(TARGET + base[:, None] + cols[None, :], mask=mask, other=0.0).to(math_t)
+            if N_PIECES > 0:  # gamma from sum_k t_k p_k
+                p_sel = tl.sum(tl.where(mask, t * tl.exp(z), 0.0), 1) / s
+        elif N_PIECES > 0:
             for start in range(0, n_classes, BLOCK_C):
                 offs = start + cols
-                mask = offs < n_classes
-                x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
-                t = tl.load(probs_row + offs, mask=mask, other=0.0).to(math_t)
-                p_sel += tl.sum(tl.where(mask, t * tl.exp(x - m), 0.0), 0)
+                mask = in_rows[:, None] & (offs < n_classes)[None, :]
+                ptrs = base[:, None] + offs[None, :]
+                x = tl.load(X + ptrs, mask=mask, other=0.0).to(math_t)
+                t = tl.load(TARGET + ptrs, mask=mask, other=0.0).to(math_t)
+                p_sel += tl.sum(tl.where(mask, t * tl.exp(x - m[:, None]), 0.0), 1)
             p_sel = p_sel / s
-        lp_y = tl.zeros((), math_t)
+        lp_y = tl.zeros((ROWS,), math_t)
     else:
-        y = tl.load(TARGET + row)
+        y = tl.load(TARGET + rows, mask=in_rows, other=ignore_index)
         kept = y != ignore_index
         in_range = (y >= 0) & (y < n_classes)
         bad = kept & (~in_range)
         live = kept & in_range
         y_safe = tl.where(live, y, 0)  # never read out of bounds for a bad target
-        lp_y = tl.where(live, (tl.load(x_row + y_safe).to(math_t) - m) - log_s, 0.0)
+        x_y = tl.load(X + base + y_safe, mask=live, other=0.0).to(math_t)
+        lp_y = tl.where(live, (x_y - m) - log_s, 0.0)
         p_sel = tl.exp(lp_y)
     gamma = select_gamma(p_sel, TABLE, N_PIECES)
 
-    w_y = tl.full((), 1.0, math_t)
+    w_y = tl.full((ROWS,), 1.0, math_t)
     if HAS_WEIGHT and not PROB:
-        w_y = tl.load(WEIGHT + tl.where(live, y, 0)).to(math_t)
+        w_y = tl.load(WEIGHT + y_safe, mask=in_rows, other=0.0).to(math_t)
     p_y, q_y, f_y, G_y = focal_terms(lp_y, gamma)
     if PROB:
-        loss = tl.zeros((), math_t)
-        aG_y = tl.zeros((), math_t)
+        loss = tl.zeros((ROWS,), math_t)
+        aG_y = tl.zeros((ROWS,), math_t)
     else:
         loss = c1 * w_y * f_y  # the one-hot part of the true class
         aG_y = c1 * w_y * G_y
-    S_other = tl.zeros((), math_t)
+    S_other = tl.zeros((ROWS,), math_t)
 
     # Pass 2 (a dense target distribution): sum_k a_k f_k and sum_k a_k G_k (k != y).
     if DENSE:
-        sum_af = tl.zeros((), math_t)
-        sum_aG = tl.zeros((), math_t)
-        for start in range(0, n_classes, BLOCK_C):
-            offs = start + cols
-            mask = offs < n_classes
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(math_t)
-            a_k = _target_mass(probs_row, WEIGHT, offs, mask, c1, b, PROB, HAS_WEIGHT, math_t)
-            _, _, f_k, G_k = focal_terms(tl.where(mask, (x - m) - log_s, 0.0), gamma)
-            sum_af += tl.sum(a_k * f_k, 0)
-            sum_aG += tl.sum(tl.where(offs != y, a_k * G_k, 0.0), 0)
+        if SINGLE:
+            if not PROB:
+                t = z  # unused by _mass without PROB
+            a = _mass(t, WEIGHT, cols, cmask, mask, c1, b, PROB, HAS_WEIGHT, math_t)
+            _, _, f_k, G_k = focal_terms(tl.where(mask, z - log_s[:, None], 0.0), gamma[:, None])
+            sum_af = tl.sum(a * f_k, 1)
+            sum_aG = tl.sum(tl.where(cols[None, :] != y[:, None], a * G_k, 0.0), 1)
+        else:
+            sum_af = tl.zeros((ROWS,), math_t)
+            sum_aG = tl.zeros((ROWS,), math_t)
+            for start in range(0, n_classes, BLOCK_C):
+                offs = start + cols
+                cmask_k = offs < n_classes
+                mask = in_rows[:, None] & cmask_k[None, :]
+                ptrs = base[:, None] + offs[None, :]
+                x = tl.load(X + ptrs, mask=mask, other=0.0).to(math_t)
+                t_k = x
+                if PROB:
+                    t_k = tl.load(TARGET + ptrs, mask=mask, other=0.0).to(math_t)
+                a_k = _mass(t_k, WEIGHT, offs, cmask_k, mask, c1, b, PROB, HAS_WEIGHT, math_t)
+                lp = tl.where(mask, (x - m[:, None]) - log_s[:, None], 0.0)
+                _, _, f_k, G_k = focal_terms(lp, gamma[:, None])
+                sum_af += tl.sum(a_k * f_k, 1)
+                sum_aG += tl.sum(tl.where(offs[None, :] != y[:, None], a_k * G_k, 0.0), 1)
         loss += sum_af
         S_other = sum_aG
         if not PROB:
@@ -194,62 +225,107 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD
     poisoned = m == float("inf")  # as torch: x - max is inf - inf
     loss_out = tl.where(live, -loss, 0.0)
     loss_out = tl.where(bad | (live & poisoned), float("nan"), loss_out)  # ignored: 0
-    tl.store(LOSS_ROWS + row, loss_out.to(LOSS_ROWS.dtype.element_ty))
+    tl.store(LOSS_ROWS + rows, loss_out.to(LOSS_ROWS.dtype.element_ty), mask=in_rows)
 
     # Pass 3: the gradient, written once; the true class formed in the math precision.
     if HAS_GRAD:
-        scale = tl.full((), 1.0, math_t)
+        scale = tl.full((ROWS,), 1.0, math_t)
         if MEAN:
-            scale = 1.0 / tl.load(DIVISOR).to(math_t)
+            scale = scale / tl.load(DIVISOR).to(math_t)
         scale = tl.where(live, scale, 0.0)
         S = S_other + aG_y
         g_y = p_y * S_other - q_y * aG_y
         S = tl.where(poisoned, float("nan"), S)
         g_y = tl.where(poisoned, float("nan"), g_y)
-        st = STATS + row * 7
-        tl.store(st + 0, m)
-        tl.store(st + 1, s)
-        tl.store(st + 2, log_s)
-        tl.store(st + 3, gamma)
-        tl.store(st + 4, S)
-        tl.store(st + 5, g_y)
-        tl.store(st + 6, scale)
+        st = STATS + rows * 7
+        tl.store(st + 0, m, mask=in_rows)
+        tl.store(st + 1, s, mask=in_rows)
+        tl.store(st + 2, log_s, mask=in_rows)
+        tl.store(st + 3, gamma, mask=in_rows)
+        tl.store(st + 4, S, mask=in_rows)
+        tl.store(st + 5, g_y, mask=in_rows)
+        tl.store(st + 6, scale, mask=in_rows)
         fill = tl.where(bad, float("nan"), 0.0)
-        _grad_row(x_row, probs_row, GRAD + row * n_classes, WEIGHT, n_classes, y, live, fill, m,
-                  s, log_s, gamma, S, g_y, scale, c1, b, DENSE, PROB, HAS_WEIGHT, math_t, BLOCK_C)
+        if SINGLE:
+            if not DENSE:
+                a = z  # unused by _grad_tile without DENSE
+            g = _grad_tile(z, a, cols, mask, y, live, fill, s, log_s, gamma, S, g_y, scale,
+                           DENSE, PROB)
+            tl.store(GRAD + base[:, None] + cols[None, :], g.to(GRAD.dtype.element_ty),
+                     mask=mask)
+        else:
+            _grad_rows(X, TARGET, WEIGHT, GRAD, base, in_rows, n_classes, y, live, fill, m, s,
+                       log_s, gamma, S, g_y, scale, c1, b, DENSE, PROB, HAS_WEIGHT, math_t,
+                       BLOCK_C)
 
 
 @triton.jit
-def focal_loss_backward_kernel(X, TARGET, WEIGHT, STATS, GRAD_OUTPUT, GRAD, n_classes,
+def _grad_rows(X, TARGET, WEIGHT, GRAD, base, in_rows, n_classes, y, live, fill, m, s, log_s,
+               gamma, S, g_y, coef, c1, b, DENSE: tl.constexpr, PROB: tl.constexpr,
+               HAS_WEIGHT: tl.constexpr, math_t: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The gradient phase streamed over the rows in BLOCK_C pieces."""
+    cols = tl.arange(0, BLOCK_C)
+    for start in range(0, n_classes, BLOCK_C):
+        offs = start + cols
+        cmask = offs < n_classes
+        mask = in_rows[:, None] & cmask[None, :]
+        ptrs = base[:, None] + offs[None, :]
+        z = tl.load(X + ptrs, mask=mask, other=0.0).to(math_t) - m[:, None]
+        a = z
+        if DENSE:
+            t = z
+            if PROB:
+                t = tl.load(TARGET + ptrs, mask=mask, other=0.0).to(math_t)
+            a = _mass(t, WEIGHT, offs, cmask, mask, c1, b, PROB, HAS_WEIGHT, math_t)
+        g = _grad_tile(z, a, offs, mask, y, live, fill, s, log_s, gamma, S, g_y, coef, DENSE,
+                       PROB)
+        tl.store(GRAD + ptrs, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def focal_loss_backward_kernel(X, TARGET, WEIGHT, STATS, GRAD_OUTPUT, GRAD, n_rows, n_classes,
                                ignore_index, eps: tl.float64, GO_PER_ROW: tl.constexpr,
                                SKIP_ONE: tl.constexpr, PROB: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr,
-                               MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The gradient phase from the forward's RowStats. SKIP_ONE: GRAD holds the forward's
-    gradient, which is the answer where grad_output is 1: such a program exits at once."""
-    row = tl.program_id(0).to(tl.int64)
+                               MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                               ROW_ALIGN: tl.constexpr):
+    """The gradient phase from the forward's RowStats, ROWS rows per program. SKIP_ONE: GRAD
+    holds the forward's gradient, which is the answer where grad_output is 1: those rows are not
+    touched, and a program with no other row exits at once (read on the device: no host sync)."""
     math_t = MATH_T
-    go = tl.load(GRAD_OUTPUT + (row if GO_PER_ROW else 0)).to(math_t)
-    if SKIP_ONE:
-        if go == 1.0:
-            return
-    st = STATS + row * 7
-    scale = tl.load(st + 6)
-    if PROB:
-        y = tl.full((), -1, tl.int64)
-        live = tl.full((), 1, tl.int1)
-        bad = tl.full((), 0, tl.int1)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_rows = rows < n_rows
+    if GO_PER_ROW:
+        go = tl.load(GRAD_OUTPUT + rows, mask=in_rows, other=1.0).to(math_t)
+        if SKIP_ONE:
+            in_rows = in_rows & (go != 1.0)
+            if tl.max(in_rows.to(tl.int32), 0) == 0:
+                return
     else:
-        y = tl.load(TARGET + row)
+        go_all = tl.load(GRAD_OUTPUT).to(math_t)
+        if SKIP_ONE:
+            if go_all == 1.0:
+                return
+        go = tl.zeros((ROWS,), math_t) + go_all
+    st = STATS + rows * 7
+    scale = tl.load(st + 6, mask=in_rows, other=0.0)
+    if PROB:
+        y = tl.full((ROWS,), -1, tl.int64)
+        live = in_rows
+        bad = rows < 0  # never
+    else:
+        y = tl.load(TARGET + rows, mask=in_rows, other=ignore_index)
         kept = y != ignore_index
         bad = kept & ((y < 0) | (y >= n_classes))
         live = kept & ~bad
     eps = _as(eps, math_t)
     fill = tl.where(bad, float("nan"), 0.0)
-    _grad_row(X + row * n_classes, TARGET + row * n_classes, GRAD + row * n_classes, WEIGHT,
-              n_classes, y, live, fill, tl.load(st + 0), tl.load(st + 1), tl.load(st + 2),
-              tl.load(st + 3), tl.load(st + 4), tl.load(st + 5), go * scale, 1.0 - eps,
-              eps / n_classes, DENSE, PROB, HAS_WEIGHT, math_t, BLOCK_C)
+    n_classes = (n_classes // ROW_ALIGN) * ROW_ALIGN  # the same C, now known to be aligned
+    _grad_rows(X, TARGET, WEIGHT, GRAD, rows * n_classes, in_rows, n_classes, y, live, fill,
+               tl.load(st + 0, mask=in_rows, other=0.0), tl.load(st + 1, mask=in_rows, other=1.0),
+               tl.load(st + 2, mask=in_rows, other=0.0), tl.load(st + 3, mask=in_rows, other=0.0),
+               tl.load(st + 4, mask=in_rows, other=0.0), tl.load(st + 5, mask=in_rows, other=0.0),
+               go * scale, 1.0 - eps, eps / n_classes, DENSE, PROB, HAS_WEIGHT, math_t, BLOCK_C)
 
 
 # ---- calibration (CONTRACT §2) ----
@@ -277,57 +353,63 @@ CONF_L, BRIER_L, NLL_L, CONF_P, BRIER_P, NLL_P, ROW_MAX, ROW_SUM, N_SAMPLE_COLS 
 
 
 @triton.jit
-def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, n_classes, ignore_index,
-                            MATH_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One row: its prediction (torch.argmax's lowest index on ties), both readings of it
-    (csrc/cpu/calibration_cpu.cpp's softmax_sample and probability_sample: sums that leave out the
-    true class, so that nothing cancels as p_y -> 1), and whether its values lie in [0, 1]."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * n_classes
+def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, n_rows, n_classes, ignore_index,
+                            MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                            ROW_ALIGN: tl.constexpr):
+    """ROWS rows: each one's prediction (torch.argmax's lowest index on ties), both readings of
+    it (csrc/cpu/calibration_cpu.cpp's softmax_sample and probability_sample: sums that leave out
+    the true class, so that nothing cancels as p_y -> 1), and whether its values lie in [0, 1]."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_rows = rows < n_rows
+    n_classes = (n_classes // ROW_ALIGN) * ROW_ALIGN  # the same C, now known to be aligned
+    base = rows * n_classes
     cols = tl.arange(0, BLOCK_C)
-    y = tl.load(TARGET + row).to(tl.int64)
+    y = tl.load(TARGET + rows, mask=in_rows, other=ignore_index).to(tl.int64)
     kept = y != ignore_index
     bad = kept & ((y < 0) | (y >= n_classes))
     y_safe = tl.where(kept & ~bad, y, 0)  # never read out of bounds for a bad target
-    m = tl.full((), float("-inf"), MATH_T)
-    idx = tl.full((), 0, tl.int64) + n_classes
-    other = tl.zeros((), MATH_T)   # sum over k != y of exp(x_k - m)
-    other2 = tl.zeros((), MATH_T)  # ... of exp(x_k - m)^2
-    sq = tl.zeros((), MATH_T)      # ... of x_k^2
-    outside = tl.full((), 0, tl.int32)
+    m = tl.full((ROWS,), float("-inf"), MATH_T)
+    idx = tl.zeros((ROWS,), tl.int64) + n_classes
+    other = tl.zeros((ROWS,), MATH_T)   # sum over k != y of exp(x_k - m)
+    other2 = tl.zeros((ROWS,), MATH_T)  # ... of exp(x_k - m)^2
+    sq = tl.zeros((ROWS,), MATH_T)      # ... of x_k^2
+    outside = tl.zeros((ROWS,), tl.int32)
     for start in range(0, n_classes, BLOCK_C):
         offs = start + cols
-        mask = offs < n_classes
-        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(MATH_T)
-        cm = tl.max(x, 0)
-        cidx = tl.min(tl.where(mask & (x == cm), offs, n_classes), 0).to(tl.int64)
+        mask = in_rows[:, None] & (offs < n_classes)[None, :]
+        x = tl.load(X + base[:, None] + offs[None, :], mask=mask, other=float("-inf"))
+        x = x.to(MATH_T)
+        cm = tl.max(x, 1)
+        cidx = tl.min(tl.where(mask & (x == cm[:, None]), offs[None, :], n_classes), 1)
         grew = cm > m
-        idx = tl.where(grew, cidx, idx)  # on a tie the earlier chunk keeps the lowest index
+        idx = tl.where(grew, cidx.to(tl.int64), idx)  # on a tie the earlier piece keeps the lowest
         new_m = tl.maximum(m, cm)
         a = tl.where(grew & (m > float("-inf")), tl.exp(m - new_m), tl.where(grew, 0.0, 1.0))
         m = new_m
-        e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m))  # also while m is still -inf
-        not_y = mask & (offs != y_safe)
-        other = other * a + tl.sum(tl.where(not_y, e, 0.0), 0)
-        other2 = other2 * (a * a) + tl.sum(tl.where(not_y, e * e, 0.0), 0)
-        sq += tl.sum(tl.where(not_y, x * x, 0.0), 0)
-        outside += tl.sum((mask & ~((x >= 0.0) & (x <= 1.0))).to(tl.int32), 0)
-    x_y = tl.load(x_row + y_safe).to(MATH_T)
+        # also while m is still -inf
+        e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m[:, None]))
+        not_y = mask & (offs[None, :] != y_safe[:, None])
+        other = other * a + tl.sum(tl.where(not_y, e, 0.0), 1)
+        other2 = other2 * (a * a) + tl.sum(tl.where(not_y, e * e, 0.0), 1)
+        sq += tl.sum(tl.where(not_y, x * x, 0.0), 1)
+        outside += tl.sum((mask & ~((x >= 0.0) & (x <= 1.0))).to(tl.int32), 1)
+    x_y = tl.load(X + base + y_safe, mask=in_rows, other=0.0).to(MATH_T)
     z_y = x_y - m
     s = other + tl.exp(z_y)
     nan = float("nan")
     poison_p = bad | (outside > 0)  # a value outside [0, 1] poisons the probability reading
-    out = SAMPLES + row * 8
-    tl.store(out + 0, tl.where(bad, nan, 1.0 / s))
-    tl.store(out + 1, tl.where(bad, nan, (other2 + other * other) / (s * s)))
-    tl.store(out + 2, tl.where(bad, nan, tl.where(z_y == 0.0, _log1p(other), tl.log(s) - z_y)))
-    tl.store(out + 3, tl.where(poison_p, nan, m))
-    tl.store(out + 4, tl.where(poison_p, nan, sq + (1.0 - x_y) * (1.0 - x_y)))
-    tl.store(out + 5, tl.where(poison_p, nan, -tl.log(tl.maximum(x_y, 0.0))))
-    tl.store(out + 6, m)
-    tl.store(out + 7, tl.where(bad, nan, s))
-    tl.store(CORRECT + row, idx == y)
-    tl.store(INSIDE + row, ~kept | (outside == 0))
+    out = SAMPLES + rows * 8
+    tl.store(out + 0, tl.where(bad, nan, 1.0 / s), mask=in_rows)
+    tl.store(out + 1, tl.where(bad, nan, (other2 + other * other) / (s * s)), mask=in_rows)
+    tl.store(out + 2, tl.where(bad, nan, tl.where(z_y == 0.0, _log1p(other), tl.log(s) - z_y)),
+             mask=in_rows)
+    tl.store(out + 3, tl.where(poison_p, nan, m), mask=in_rows)
+    tl.store(out + 4, tl.where(poison_p, nan, sq + (1.0 - x_y) * (1.0 - x_y)), mask=in_rows)
+    tl.store(out + 5, tl.where(poison_p, nan, -tl.log(tl.maximum(x_y, 0.0))), mask=in_rows)
+    tl.store(out + 6, m, mask=in_rows)
+    tl.store(out + 7, tl.where(bad, nan, s), mask=in_rows)
+    tl.store(CORRECT + rows, idx == y, mask=in_rows)
+    tl.store(INSIDE + rows, ~kept | (outside == 0), mask=in_rows)
 
 
 @triton.jit

@@ -54,10 +54,9 @@ def _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smo
     return prob
 
 
-def _prepare(input, target, weight, gamma, prob):
+def _prepare(input, target, weight, prob):
     """Contiguous operands as the kernels read them: probability targets in the input's dtype or
-    the math type, weights in the math type, the gamma table on the input's device (an
-    asynchronous copy: no host synchronisation)."""
+    the math type, weights in the math type."""
     x = input.contiguous()
     acc = _acc_dtype(x.dtype)
     if prob:
@@ -65,12 +64,51 @@ def _prepare(input, target, weight, gamma, prob):
     else:
         t = target.to(torch.int64)
     w = weight.to(acc).contiguous() if weight is not None else None
-    table = gamma.to(x.device, non_blocking=True)
-    return x, t.contiguous(), w, table
+    return x, t.contiguous(), w
 
 
-def _block(c, element_size):
-    return min(triton.next_power_of_2(c), 4096 if element_size >= 4 else 8192)
+# Elements of a tile per thread, and warps per program, that the sm_90 build holds without
+# spilling (tests/test_triton_compile.py holds it), by target kind and element size: a dense
+# target keeps three tiles live, a sparse one one; several rows per program add per-row values;
+# 16 warps cap a thread at 128 registers. A row of up to warps x 32 x PER_THREAD classes is read
+# once into registers; a longer one streams in STREAM_BLOCK pieces.
+PER_THREAD = {("sparse", 2): 64, ("sparse", 4): 32, ("sparse", 8): 16, ("dense", 2): 16,
+              ("dense", 4): 16, ("dense", 8): 8, ("rows", 2): 4, ("rows", 4): 4, ("rows", 8): 2}
+MAX_WARPS = {("sparse", 2): 16, ("sparse", 4): 16, ("sparse", 8): 8, ("dense", 2): 8,
+             ("dense", 4): 8, ("dense", 8): 8}
+STREAM_BLOCK = {2: 8192, 4: 4096, 8: 2048}
+MAX_ROWS = 32  # rows per program when several short rows share one
+
+
+def _row_align(c):
+    return min(c & -c, 16)  # the largest power of two dividing C, up to 16
+
+
+def focal_layout(n, c, dtype, dense):
+    """(rows per program, BLOCK_C, SINGLE, num_warps) for an (n, c) focal loss in `dtype`."""
+    kind = "dense" if dense else "sparse", dtype.itemsize
+    max_warps, per_thread = MAX_WARPS[kind], PER_THREAD[kind]
+    block = triton.next_power_of_2(c)
+    if block > 32 * max_warps * per_thread:  # streamed: one row per program
+        return 1, STREAM_BLOCK[dtype.itemsize], False, 8
+    rows_tile = 32 * max_warps * min(per_thread, PER_THREAD["rows", dtype.itemsize])
+    rows = max(1, min(rows_tile // block, MAX_ROWS, triton.next_power_of_2(max(n, 1))))
+    if rows > 1:
+        per_thread = min(per_thread, PER_THREAD["rows", dtype.itemsize])
+    tile, vector = rows * block, 16 // dtype.itemsize  # 16-byte accesses need that many a thread
+    warps = min(max_warps, max(4, triton.next_power_of_2(triton.cdiv(tile, 32 * per_thread))))
+    return rows, block, True, max(1, min(warps, tile // (32 * vector)))
+
+
+def calibration_layout(n, c, dtype):
+    """(rows per program, BLOCK_C, num_warps) of calibration_rows_kernel: rows stream in pieces
+    of up to 4096 classes; short rows share a program, up to MAX_ROWS of them."""
+    block = min(triton.next_power_of_2(c), 4096)
+    rows = max(1, min(2048 // block, MAX_ROWS, triton.next_power_of_2(max(n, 1))))
+    tile, vector = rows * block, 16 // dtype.itemsize
+    per_thread = 8 if dtype.itemsize == 8 else 16  # no spills on sm_90 (test_triton_compile.py)
+    warps = min(8, max(4, triton.next_power_of_2(triton.cdiv(tile, 32 * per_thread))))
+    return rows, block, max(1, min(warps, tile // (32 * vector)))
 
 
 @triton_op("calibkernels::focal_loss_forward_triton", mutates_args=())
@@ -82,7 +120,8 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
     """calibkernels::focal_loss_forward, computed by the Triton kernel (same arguments, outputs)."""
     prob = _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smoothing,
                                   reduction)
-    x, t, w, table = _prepare(input, target, weight, gamma, prob)
+    x, t, w = _prepare(input, target, weight, prob)
+    table = gamma.to(x.device, non_blocking=True)  # asynchronous: no host synchronisation
     n, c = x.shape
     acc = _acc_dtype(x.dtype)
     # The mean's divisor, on the device (no host sync): NaN if a target is out of range.
@@ -100,14 +139,15 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
         else x.new_empty((0,))
     stats = torch.empty((n if compute_grad else 0, ROW_STATS), dtype=acc, device=x.device)
     if n > 0:
-        block = _block(c, x.element_size())
-        wrap_triton(tk.focal_loss_forward_kernel)[(n,)](
+        dense = prob or label_smoothing > 0
+        rows, block, single, warps = focal_layout(n, c, x.dtype, dense)
+        wrap_triton(tk.focal_loss_forward_kernel)[(triton.cdiv(n, rows),)](
             x, t, w if w is not None else loss_rows, table, divisor, loss_rows,
-            grad if compute_grad else loss_rows, stats if compute_grad else loss_rows, c,
+            grad if compute_grad else loss_rows, stats if compute_grad else loss_rows, n, c,
             ignore_index, float(label_smoothing), N_PIECES=(table.numel() - 1) // 2,
-            PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad,
-            DENSE=prob or label_smoothing > 0, MEAN=reduction == "mean", MATH_T=_math_t(acc),
-            BLOCK_C=block, num_warps=4 if block <= 1024 else 8)
+            PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, DENSE=dense,
+            MEAN=reduction == "mean", MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
+            SINGLE=single, ROW_ALIGN=_row_align(c), num_warps=warps)
     out_dtype = dtype if dtype is not None else x.dtype
     if reduction == "none":
         return loss_rows.to(out_dtype), grad, stats
@@ -121,17 +161,18 @@ def _launch_backward(out, grad_output, input, target, weight, gamma, stats, igno
                      label_smoothing, reduction, skip_one):
     prob = _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smoothing,
                                   reduction)
-    x, t, w, _ = _prepare(input, target, weight, gamma, prob)
+    x, t, w = _prepare(input, target, weight, prob)  # the gradient phase needs no gamma table
     n, c = x.shape
     if n == 0:
         return
     go = grad_output.reshape(-1).to(stats.dtype).contiguous()
-    block = _block(c, x.element_size())
-    wrap_triton(tk.focal_loss_backward_kernel)[(n,)](
-        x, t, w if w is not None else stats, stats.contiguous(), go, out, c, ignore_index,
+    dense = prob or label_smoothing > 0
+    rows, block, _, warps = focal_layout(n, c, x.dtype, dense)
+    wrap_triton(tk.focal_loss_backward_kernel)[(triton.cdiv(n, rows),)](
+        x, t, w if w is not None else stats, stats.contiguous(), go, out, n, c, ignore_index,
         float(label_smoothing), GO_PER_ROW=reduction == "none", SKIP_ONE=skip_one, PROB=prob,
-        HAS_WEIGHT=w is not None, DENSE=prob or label_smoothing > 0,
-        MATH_T=_math_t(stats.dtype), BLOCK_C=block, num_warps=4 if block <= 1024 else 8)
+        HAS_WEIGHT=w is not None, DENSE=dense, MATH_T=_math_t(stats.dtype), ROWS=rows,
+        BLOCK_C=block, ROW_ALIGN=_row_align(c), num_warps=warps)
 
 
 @triton_op("calibkernels::focal_loss_backward_triton", mutates_args=())
@@ -237,10 +278,10 @@ def calibration_bins_triton(
     correct = torch.empty(n, dtype=torch.bool, device=dev)
     inside = torch.empty(n, dtype=torch.bool, device=dev)
     if n > 0:
-        block = min(triton.next_power_of_2(c), 4096)
-        wrap_triton(tk.calibration_rows_kernel)[(n,)](
-            x, t, samples, correct, inside, c, ignore_index, MATH_T=_math_t(acc), BLOCK_C=block,
-            num_warps=4 if block <= 1024 else 8)
+        rows, block, warps = calibration_layout(n, c, x.dtype)
+        wrap_triton(tk.calibration_rows_kernel)[(triton.cdiv(n, rows),)](
+            x, t, samples, correct, inside, n, c, ignore_index, MATH_T=_math_t(acc), ROWS=rows,
+            BLOCK_C=block, ROW_ALIGN=_row_align(c), num_warps=warps)
     # probabilities when every value of a kept sample lies in [0, 1] (decided on the device)
     probs = inside.all() if mode == -1 else torch.tensor(mode == 0, device=dev)
     readings = {1: [True], 0: [False], -1: [True, False]}[mode]

@@ -152,3 +152,54 @@ def test_triton_ignored_row_with_an_infinite_logit_is_zero():
         torch.testing.assert_close(
             ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="triton"),
             torch.nn.functional.cross_entropy(x, t, reduction=reduction))
+
+
+def _layouts():
+    from calibkernels.triton_ops import PER_THREAD
+    return {
+        # every row streamed in 16-class pieces (the path of long rows), one row per program
+        "streamed": dict(PER_THREAD=dict.fromkeys(PER_THREAD, 0),
+                         STREAM_BLOCK={2: 16, 4: 16, 8: 16}),
+        # rows held whole, four per program: 13 rows leave the last program partly empty
+        "row-tiles": dict(MAX_ROWS=4),
+    }
+
+
+@pytest.mark.parametrize("layout", ["streamed", "row-tiles"])
+@pytest.mark.parametrize("prob,smoothing,weighted", [(False, 0.0, False), (False, 0.1, True),
+                                                     (True, 0.0, True)], ids=str)
+@pytest.mark.parametrize("gamma", [3.0, "flsd-53"], ids=str)
+def test_triton_layouts_match_reference(monkeypatch, layout, prob, smoothing, weighted, gamma):
+    # Both kernel shapes (rows held whole, several per program; rows streamed in pieces) at
+    # sizes the interpreter can run, with a grad_output that is 1 on some rows only (those rows
+    # keep the forward's gradient, the others go through the gradient phase).
+    ck.ops.load_triton()
+    from calibkernels import triton_ops
+    for name, value in _layouts()[layout].items():
+        monkeypatch.setattr(triton_ops, name, value)
+    for i, c in enumerate([5, 37, 100]):
+        x, t = make_logits(13, c, torch.float32, seed=10 + i, ignore_index=None if prob else -100,
+                           equal_row=not isinstance(gamma, str))  # p_y = 1/5: FLSD's threshold
+        x = x.detach().to(DEVICE)
+        target = make_probs(x, seed=i) if prob else t.to(DEVICE)
+        rows, _, single, _ = triton_ops.focal_layout(13, c, x.dtype, prob or smoothing > 0)
+        assert (not single) if layout == "streamed" else (rows == 4 and single)
+        kw = dict(label_smoothing=smoothing, gamma=gamma)
+        if weighted:
+            kw["weight"] = torch.rand(c, generator=torch.Generator().manual_seed(i)) + 0.25
+        kw64 = dict(kw, weight=kw["weight"].double()) if weighted else kw
+        kw = dict(kw, weight=kw["weight"].to(DEVICE)) if weighted else kw
+        for reduction in REDUCTIONS:
+            xg = x.clone().requires_grad_()
+            x64 = x.double().requires_grad_()
+            ours = ck.focal_loss(xg, target, reduction=reduction, backend="triton", **kw)
+            truth = reference.focal_loss(x64, target.double() if prob else target,
+                                         reduction=reduction, **kw64)
+            torch.testing.assert_close(ours.double(), truth, rtol=2e-5, atol=1e-6)
+            go = torch.ones_like(ours)
+            if reduction == "none":
+                go[1::3] = torch.linspace(0.5, 2.0, go[1::3].numel(), device=go.device)
+            (g,) = torch.autograd.grad(ours, xg, go)
+            (e,) = torch.autograd.grad(truth, x64, go.double())
+            torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=1e-7,
+                                       msg=lambda m: f"{layout} C={c} {reduction}: {m}")

@@ -5,8 +5,10 @@ Run in a fresh interpreter without TRITON_INTERPRET, which conftest.py sets for 
 """
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -29,21 +31,24 @@ def compile_all():
             cases.append((tk.focal_loss_forward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}", "TABLE": "*fp64",
                            "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}", "GRAD": f"*{dt}",
-                           "STATS": f"*{acc}", "n_classes": "i64", "ignore_index": "i64",
-                           "eps": "fp64"},
+                           "STATS": f"*{acc}", "n_rows": "i64", "n_classes": "i64",
+                           "ignore_index": "i64", "eps": "fp64"},
                           {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": True,
-                           "DENSE": True, "MEAN": True, "MATH_T": math_t, "BLOCK_C": 1024}))
+                           "DENSE": True, "MEAN": True, "MATH_T": math_t, "ROWS": 2,
+                           "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1}))
             cases.append((tk.focal_loss_backward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
                            "STATS": f"*{acc}", "GRAD_OUTPUT": f"*{acc}", "GRAD": f"*{dt}",
-                           "n_classes": "i64", "ignore_index": "i64", "eps": "fp64"},
-                          {"GO_PER_ROW": False, "SKIP_ONE": True, "PROB": prob,
-                           "HAS_WEIGHT": True, "DENSE": prob, "MATH_T": math_t,
-                           "BLOCK_C": 1024}))
+                           "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64",
+                           "eps": "fp64"},
+                          {"GO_PER_ROW": prob, "SKIP_ONE": True, "PROB": prob,
+                           "HAS_WEIGHT": True, "DENSE": prob, "MATH_T": math_t, "ROWS": 4,
+                           "BLOCK_C": 1024, "ROW_ALIGN": 1}))
         cases.append((tk.calibration_rows_kernel,
                       {"X": f"*{dt}", "TARGET": "*i64", "SAMPLES": f"*{acc}", "CORRECT": "*i1",
-                       "INSIDE": "*i1", "n_classes": "i64", "ignore_index": "i64"},
-                      {"MATH_T": math_t, "BLOCK_C": 1024}))
+                       "INSIDE": "*i1", "n_rows": "i64", "n_classes": "i64",
+                       "ignore_index": "i64"},
+                      {"MATH_T": math_t, "ROWS": 2, "BLOCK_C": 1024, "ROW_ALIGN": 1}))
         cases.append((tk.calibration_classwise_partials_kernel,
                       {"X": f"*{dt}", "TARGET": "*i64", "SAMPLES": f"*{acc}", "BETA": "*fp32",
                        "PART_COUNTS": "*i64", "PART_SUMS": "*fp64", "PART_HITS": "*i64",
@@ -76,6 +81,108 @@ def compile_all():
     print(f"compiled {len(cases)} kernels for sm_80 and sm_90")
 
 
+def _ptxas_report(ptx, arch):
+    """(registers, spill-store bytes) from ptxas -v on the kernel's PTX (Triton's own ptxas)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a", "-v", path, "-o",
+                               os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True, check=True)
+    return (int(re.search(r"Used (\d+) registers", done.stderr).group(1)),
+            int(re.search(r"(\d+) bytes spill stores", done.stderr).group(1)))
+
+
+def focal_layout_gate():
+    """Every layout calibkernels.triton_ops.focal_layout picks, compiled for sm_90 with the
+    runtime's divisibility-16 hints on pointers (and on C where C % 16 == 0, as the runtime
+    specialises): no spills, and 16-byte loads (v4.b32 / v2.b64) where the row alignment allows."""
+    import torch
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import calibkernels.triton_kernels as tk
+    from calibkernels.triton_ops import _row_align, calibration_layout, focal_layout
+
+    names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+    seen, failures = set(), []
+
+    def check(fn, signature, constexprs, c, dtype, dt, kind, rows, block, single, warps, align):
+        hinted = [k for k, v in signature.items() if v.startswith("*")] + \
+            ["n_rows"] + (["n_classes"] if c % 16 == 0 else [])
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+        signature = {**signature, **{k: "constexpr" for k in constexprs}}
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        ptx = kernel.asm["ptx"]
+        regs, spills = _ptxas_report(ptx, 90)
+        wide = len(re.findall(r"ld\.global[.\w]*\.(v4\.[bfsu]32|v2\.[bfsu]64) ", ptx))
+        line = (f"{fn.__name__.replace('_kernel', ''):<24} {dt} {kind:<6} C={c:<6} "
+                f"rows={rows:<3} block={block:<5} single={single:d} warps={warps:<2} "
+                f"align={align:<2} regs={regs:<3} spill={spills} wide_loads={wide}")
+        print(line)
+        if spills or (min(align, 16 // dtype.itemsize) * dtype.itemsize >= 16
+                      and block >= 64 and wide == 0):
+            failures.append(line)
+    for dtype, dt in names.items():
+        acc, math_t = ("fp64", tl.float64) if dtype == torch.float64 else ("fp32", tl.float32)
+        for kind in ("sparse", "dense", "prob"):
+            prob, dense = kind == "prob", kind != "sparse"
+            for c in (10, 100, 1000, 4096, 8192, 16384, 32000, 128256):
+                rows, block, single, warps = focal_layout(65536, c, dtype, dense)
+                align = _row_align(c)
+                key = (dt, kind, rows, block, single, warps, align, c % 16 == 0)
+                if key in seen:
+                    continue
+                seen.add(key)
+                common = {"X": f"*{dt}", "TARGET": f"*{dt}" if prob else "*i64",
+                          "WEIGHT": f"*{acc}", "GRAD": f"*{dt}", "STATS": f"*{acc}",
+                          "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64",
+                          "eps": "fp64"}
+                flags = {"PROB": prob, "HAS_WEIGHT": dense, "DENSE": dense, "MATH_T": math_t,
+                         "ROWS": rows, "BLOCK_C": block, "ROW_ALIGN": align}
+                kernels = [
+                    (tk.focal_loss_forward_kernel,
+                     {**common, "TABLE": "*fp64", "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}"},
+                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "MEAN": True, "SINGLE": single}),
+                    (tk.focal_loss_backward_kernel, {**common, "GRAD_OUTPUT": f"*{acc}"},
+                     {**flags, "GO_PER_ROW": False, "SKIP_ONE": True})]
+                for fn, signature, constexprs in kernels:
+                    check(fn, signature, constexprs, c, dtype, dt, kind, rows, block, single,
+                          warps, align)
+        for c in (10, 100, 1000, 32000):
+            rows, block, warps = calibration_layout(65536, c, dtype)
+            align = _row_align(c)
+            key = (dt, "calibration", rows, block, warps, align, c % 16 == 0)
+            if key in seen:
+                continue
+            seen.add(key)
+            fn = tk.calibration_rows_kernel
+            signature = {"X": f"*{dt}", "TARGET": "*i64", "SAMPLES": f"*{acc}", "CORRECT": "*i1",
+                         "INSIDE": "*i1", "n_rows": "i64", "n_classes": "i64",
+                         "ignore_index": "i64"}
+            constexprs = {"MATH_T": math_t, "ROWS": rows, "BLOCK_C": block, "ROW_ALIGN": align}
+            check(fn, signature, constexprs, c, dtype, dt, "calib", rows, block, True, warps,
+                  align)
+    assert not failures, "\n".join(["layouts that spill or load narrow:"] + failures)
+    print(f"layout gate: {len(seen)} layouts")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="with a GPU the other Triton tests compile and run the kernels")
+def test_triton_focal_layouts_do_not_spill():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__, "layouts"], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "layout gate" in done.stdout
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(),
                     reason="with a GPU the other Triton tests compile and run the kernels")
 def test_triton_kernels_compile_for_sm80_and_sm90():
@@ -87,4 +194,4 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
 
 
 if __name__ == "__main__":
-    compile_all()
+    focal_layout_gate() if sys.argv[1:] == ["layouts"] else compile_all()
