@@ -57,8 +57,7 @@ def as_rows(input, target, what="calibration"):
     a sample, the class dimension is 1 (as the loss's)."""
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError(f"{what}: logits / probabilities and target must be tensors")
-    if not input.is_floating_point():
-        raise ValueError(f"{what}: logits / probabilities must be floating, got {input.dtype}")
+    ops.check_float(input, f"{what}: logits / probabilities")
     if target.dtype not in (torch.int64, torch.uint8):
         raise ValueError(f"{what}: target must hold class indices (int64 or uint8), got "
                          f"{target.dtype}")

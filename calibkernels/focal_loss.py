@@ -84,6 +84,9 @@ def focal_loss(input, target, weight=None, size_average=None, ignore_index=-100,
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise ValueError("focal_loss: input and target must be tensors")
+    ops.check_float(input, "focal_loss: input")
+    if target.is_floating_point():
+        ops.check_float(target, "focal_loss: class-probability target")
     if reduction not in REDUCTIONS:
         raise ValueError(f"focal_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     table = gamma_table(gamma)

@@ -145,6 +145,8 @@ def linear_focal_loss(hidden, weight, target, bias=None, *, gamma=3.0, ignore_in
     focal_loss's (no class weights)."""
     if not all(isinstance(t, torch.Tensor) for t in (hidden, weight, target)):
         raise ValueError("linear_focal_loss: hidden, weight and target must be tensors")
+    ops.check_float(hidden, "linear_focal_loss: hidden")
+    ops.check_float(weight, "linear_focal_loss: weight")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_focal_loss: hidden must be (N, H) and weight (V, H), got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")

@@ -51,6 +51,17 @@ def cpu_capability() -> str:
     return torch.ops.calibkernels.cpu_capability()
 
 
+# The floating types every kernel has (float8 and complex have none).
+KERNEL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_float(tensor: torch.Tensor, what: str) -> None:
+    if tensor.dtype not in KERNEL_FLOATS:
+        raise ValueError(f"{what} must be float32, float16, bfloat16 or float64, got "
+                         f"{tensor.dtype}: calibkernels has no kernel for it (convert with "
+                         f".float())")
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from . import ops
 from .calibration import calibration_sweep
 from .focal_loss import focal_loss
 
@@ -33,6 +34,7 @@ def fit_temperature(logits, target, criterion="nll", *, ignore_index=-100, tol=1
         raise ValueError(f"fit_temperature: criterion must be one of {CRITERIA}, got {criterion!r}")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError("fit_temperature: logits must be a 2-D (N, C) floating tensor")
+    ops.check_float(logits, "fit_temperature: logits")
     if not isinstance(target, torch.Tensor) or target.dtype != torch.int64 or \
             tuple(target.shape) != (logits.shape[0],):
         raise ValueError(f"fit_temperature: target must hold int64 class indices of shape "

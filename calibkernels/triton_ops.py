@@ -12,7 +12,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import triton_kernels as tk
-from .ops import ROW_STATS, _acc_dtype
+from .ops import KERNEL_FLOATS, ROW_STATS, _acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -24,7 +24,7 @@ def _math_t(dtype):
 def _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smoothing,
                            reduction):
     """The checks of check_focal_loss_args (csrc/calibkernels.cpp) that need no data."""
-    if input.dim() != 2 or not input.is_floating_point() or input.shape[1] < 1:
+    if input.dim() != 2 or input.dtype not in KERNEL_FLOATS or input.shape[1] < 1:
         raise ValueError(f"focal_loss: input must be a 2-D (N, C) floating tensor, got "
                          f"{input.dtype} of shape {tuple(input.shape)}")
     prob = target.is_floating_point()
@@ -208,7 +208,7 @@ def _(grad, grad_output, input, target, weight, gamma, stats, ignore_index, labe
 # ---- calibration ----
 
 def _check_calibration_args(input, target, boundaries):
-    if input.dim() != 2 or not input.is_floating_point() or input.shape[1] < 1:
+    if input.dim() != 2 or input.dtype not in KERNEL_FLOATS or input.shape[1] < 1:
         raise ValueError(f"calibration: logits / probabilities must be 2-D (N, C) floating, got "
                          f"{input.dtype} of shape {tuple(input.shape)}")
     if target.dtype not in (torch.int64, torch.uint8) or tuple(target.shape) != (input.shape[0],):

@@ -94,6 +94,7 @@ def vocab_parallel_focal_loss(local_logits, target, group=None, *, gamma=3.0, ig
             not local_logits.is_floating_point():
         raise ValueError("vocab_parallel_focal_loss: local_logits must be a 2-D (N, V_r) floating "
                          "tensor")
+    ops.check_float(local_logits, "vocab_parallel_focal_loss: local_logits")
     if not isinstance(target, torch.Tensor) or target.is_floating_point() or \
             tuple(target.shape) != (local_logits.shape[0],):
         raise ValueError(f"vocab_parallel_focal_loss: target must hold class indices of shape "

@@ -437,6 +437,26 @@ def test_probability_target_errors():
         ck.focal_loss(x, torch.rand(4, 5), ignore_index=2)
 
 
+def test_dtypes_without_a_kernel_are_refused_by_name():
+    # float8 is "floating" to torch but no kernel reads it: a ValueError, not a dispatcher error
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    f8 = torch.float8_e4m3fn
+    no_kernel = "float32, float16, bfloat16 or float64, got torch.float8_e4m3fn: calibkernels"
+    for backend in ["auto", "cpu", "torch"]:
+        with pytest.raises(ValueError, match=no_kernel):
+            ck.focal_loss(x.to(f8), t, backend=backend)
+    with pytest.raises(ValueError, match=no_kernel):
+        ck.focal_loss(x, torch.rand(4, 5).to(f8))
+    with pytest.raises(ValueError, match=no_kernel):
+        ck.ece(x.to(f8), t)
+    with pytest.raises(ValueError, match=no_kernel):
+        ck.linear_focal_loss(torch.randn(4, 3).to(f8), torch.randn(5, 3), t)
+    with pytest.raises(ValueError, match=no_kernel):
+        ck.fit_temperature(x.to(f8), t)
+    with pytest.raises(ValueError, match=no_kernel):
+        ck.calibration_sweep(x.to(f8), t, torch.tensor([1.0, 2.0]))
+
+
 # ---- non-finite and tiny values, as torch ----
 
 INF = float("inf")
