@@ -196,7 +196,7 @@ def test_opcheck_calibration_bins():
     (lambda x, t: ck.ece(x[:, :, None], t), ValueError, r"target must have shape \(40, 1\)"),
     (lambda x, t: ck.ece(x, t[:-1]), ValueError, r"target must have shape \(40,\)"),
     (lambda x, t: ck.ece(x, t.float()), ValueError, "target must hold class indices"),
-    (lambda x, t: ck.ece(x.long(), t), ValueError, "must be floating"),
+    (lambda x, t: ck.ece(x.long(), t), ValueError, "must be float32, float16, bfloat16 or float64"),
     (lambda x, t: ck.ece(x, t, n_bins=0), ValueError, "n_bins must be an integer >= 1"),
     (lambda x, t: ck.ece(x, t, n_bins=2.5), ValueError, "n_bins must be an integer >= 1"),
     (lambda x, t: ck.ece(x, t, from_logits="yes"), ValueError, "from_logits must be True"),
