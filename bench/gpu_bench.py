@@ -3,10 +3,11 @@
     python bench/gpu_bench.py --out DIR [--parts focal ece] [--shapes 8192x32000 ...] [--impls cuda ...]
 
 Times (median of triton.testing.do_bench, inputs rotated past the L2 cache) the fused CUDA C++
-and Triton kernels, the eager reference and torch.compile of it at gamma = 3; at gamma = 0 also
-F.cross_entropy and Liger-Kernel's cross entropy when it is installed. Reports ms, GB/s against
-the minimal traffic (read the logits once, write the gradient once: 2·N·C·bytes + 8·N), the
-percentage of this run's own device-to-device copy bandwidth, speed-ups and peak extra memory.
+and Triton kernels, the eager reference and torch.compile of it at gamma = 3 and FLSD-53; at
+gamma = 0 also F.cross_entropy and Liger-Kernel's cross entropy when it is installed. Each step
+is timed as called (host + device) and replayed from a CUDA graph (device only). Reports ms, GB/s
+against the minimal traffic (read the logits once, write the gradient once: 2·N·C·bytes + 8·N),
+the percentage of this run's own device-to-device copy bandwidth, speed-ups and peak extra memory.
 Writes DIR/focal_loss.json and DIR/focal_loss.md; then ECE from logits against torchmetrics and
 the eager reference, to DIR/ece.json and DIR/ece.md.
 """
@@ -28,6 +29,7 @@ from calibkernels import reference
 GPU_SHAPES = [(65536, 10), (65536, 100), (65536, 1000), (8192, 32000), (8192, 128256),
               (4096, 262144)]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+GAMMAS = (3.0, "flsd-53", 0.0)  # 0: also F.cross_entropy and Liger's cross entropy
 L2_BYTES = 50 * 2**20  # H100; inputs smaller than ~2x this are rotated
 
 
@@ -65,8 +67,32 @@ def implementations(gamma):
     return impls
 
 
-def bench_one(fn, n, c, dtype, gamma):
-    """Median ms of forward + backward, and the peak memory beyond the inputs and the gradient."""
+def graph_ms(step, copies):
+    """Median ms of one step replayed from a CUDA graph (every copy's step captured once): the
+    device time without the host's. None where the implementation cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(copies):
+                step()
+        graph.replay()
+        torch.cuda.synchronize()
+        return do_bench(graph.replay, warmup=5, rep=100, return_mode="median") / copies
+    except Exception as e:  # e.g. a host synchronisation inside the implementation
+        torch.cuda.synchronize()
+        print(f"  (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        return None
+
+
+def bench_one(fn, n, c, dtype, gamma, graph=True):
+    """Median ms of forward + backward, the same replayed from a CUDA graph, and the peak memory
+    beyond the inputs and the gradient."""
     per_copy = n * c * torch.finfo(dtype).bits // 8
     copies = max(1, min(256, (2 * L2_BYTES) // per_copy + 1))
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -88,7 +114,8 @@ def bench_one(fn, n, c, dtype, gamma):
     extra = torch.cuda.max_memory_allocated() - base - grad[0].numel() * grad[0].element_size()
     del grad
     ms = do_bench(step, warmup=10, rep=100, return_mode="median")
-    return ms, max(0, extra)
+    replay = graph_ms(step, copies) if graph else None
+    return ms, replay, max(0, extra)
 
 
 def bench_ece(out, copy_gbps, shapes):
@@ -162,28 +189,32 @@ def write_focal(out, copy_gbps, rows):
                 f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
                 f"{meta['date']}. Copy bandwidth of this run: {copy_gbps:.0f} GB/s. GB/s count the "
                 f"minimal traffic 2·N·C·bytes + 8·N.\n\n"
-                "| N × C | dtype | γ | impl | ms | GB/s | % copy | vs eager | vs compile | "
-                "vs F.ce | vs liger | extra peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "`graph ms` replays the step from a CUDA graph (device time without the host's); "
+                "`% copy` and the speed-ups are from the eager `ms`.\n\n"
+                "| N × C | dtype | γ | impl | ms | graph ms | GB/s | % copy | vs eager | "
+                "vs compile | vs F.ce | vs liger | extra peak MiB |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             sp = [f"{r[k]:.2f}×" if k in r else "" for k in
                   ("speedup_vs_eager", "speedup_vs_compile", "speedup_vs_F.cross_entropy",
                    "speedup_vs_liger")]
-            f.write(f"| {r['n']} × {r['c']} | {r['dtype']} | {r['gamma']:g} | {r['impl']} | "
-                    f"{r['ms']:.3f} | {r['gbps']:.0f} | {r['pct_copy']:.0f} | " + " | ".join(sp)
-                    + f" | {r['extra_peak_bytes'] / 2**20:.1f} |\n")
+            graph = f"{r['graph_ms']:.3f}" if r.get("graph_ms") is not None else ""
+            f.write(f"| {r['n']} × {r['c']} | {r['dtype']} | {r['gamma']} | {r['impl']} | "
+                    f"{r['ms']:.3f} | {graph} | {r['gbps']:.0f} | {r['pct_copy']:.0f} | "
+                    + " | ".join(sp) + f" | {r['extra_peak_bytes'] / 2**20:.1f} |\n")
 
 
-def bench_focal(out, copy_gbps, shapes, impl_names=None):
+def bench_focal(out, copy_gbps, shapes, impl_names=None, graph=True):
     rows = []
     for (n, c), (dname, dtype), gamma in [(s, d, g) for s in shapes for d in DTYPES.items()
-                                          for g in (3.0, 0.0)]:
+                                          for g in GAMMAS]:
         minimal = 2 * n * c * torch.finfo(dtype).bits // 8 + 8 * n
         results = {}
         for name, fn in implementations(gamma).items():
             if impl_names and name not in impl_names:
                 continue
             try:
-                ms, extra = bench_one(fn, n, c, dtype, gamma)
+                ms, replay, extra = bench_one(fn, n, c, dtype, gamma, graph)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"{n}x{c} {dname} gamma={gamma} {name}: out of memory")
@@ -191,8 +222,10 @@ def bench_focal(out, copy_gbps, shapes, impl_names=None):
             results[name] = ms
             gbps = minimal / ms / 1e6
             rows.append(dict(n=n, c=c, dtype=dname, gamma=gamma, impl=name, ms=ms, gbps=gbps,
-                             pct_copy=100 * gbps / copy_gbps, extra_peak_bytes=extra))
-            print(f"{n}x{c} {dname} gamma={gamma} {name}: {ms:.3f} ms {gbps:.0f} GB/s "
+                             pct_copy=100 * gbps / copy_gbps, extra_peak_bytes=extra,
+                             graph_ms=replay))
+            replay_txt = f", graph {replay:.3f} ms" if replay is not None else ""
+            print(f"{n}x{c} {dname} gamma={gamma} {name}: {ms:.3f} ms{replay_txt} {gbps:.0f} GB/s "
                   f"({100 * gbps / copy_gbps:.0f}% of copy), extra peak {extra / 2**20:.1f} MiB",
                   flush=True)
             torch.cuda.empty_cache()
@@ -204,14 +237,14 @@ def bench_focal(out, copy_gbps, shapes, impl_names=None):
     return rows
 
 
-def run(out, parts=("focal", "ece"), shapes=GPU_SHAPES, impl_names=None):
+def run(out, parts=("focal", "ece"), shapes=GPU_SHAPES, impl_names=None, graph=True):
     os.makedirs(out, exist_ok=True)
     copy_gbps = copy_bandwidth()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     if "ece" in parts:  # the quick part first
         bench_ece(out, copy_gbps, shapes)
     if "focal" in parts:
-        bench_focal(out, copy_gbps, shapes, impl_names)
+        bench_focal(out, copy_gbps, shapes, impl_names, graph)
 
 
 if __name__ == "__main__":
@@ -221,7 +254,9 @@ if __name__ == "__main__":
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="NxC shapes (default: the CONTRACT §5 GPU shapes)")
     parser.add_argument("--impls", nargs="+", default=None, help="only these implementations")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="skip the CUDA-graph replay timings (halves the run)")
     args = parser.parse_args()
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes
               else GPU_SHAPES)
-    run(args.out, args.parts, shapes, args.impls)
+    run(args.out, args.parts, shapes, args.impls, graph=not args.no_graph)

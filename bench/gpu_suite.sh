@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The GPU suite on a bare GPU machine: build the extension, run every test (the `cuda`-marked ones
-# included), compute-sanitizer memcheck on small cases, then the benchmarks.
+# included), compute-sanitizer memcheck on small cases (racecheck and synccheck on the CUDA fast
+# path), then the benchmarks.
 #   bash bench/gpu_suite.sh OUT_DIR [STAGE ...]
 # STAGE: build tests memcheck bench (the default: all four), linear (bench/linear_focal_loss.py at
 # 8192 tokens, H = 4096, V = 128256, bf16, gamma = 0 against eager, torch.compile and Liger's fused
 # linear cross entropy, to linear_focal_loss.txt) and profile (Nsight Compute sections of the
-# kernels in bench/profile_case.py, to logs/ncu.txt and a digest in summary.txt).
+# kernels in bench/profile_case.py, one shape per class of row length, to logs/ncu.txt and a
+# digest in summary.txt). The bench stage times every step as called and replayed from a CUDA
+# graph (BENCH_ARGS=--no-graph halves it).
 # Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, LINEAR_S, PROFILE_S) so that one call
 # ends inside the device tool's 10 minutes with its results written. Logs go to OUT_DIR/logs.tar.gz
 # (the device tool returns at most 8 files); summary.txt and the benchmark tables stay beside it.
@@ -52,6 +55,11 @@ if has memcheck; then
   timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY bench/memcheck_case.py >"$out/logs/memcheck.log" 2>&1 || status=1
   tail -3 "$out/logs/memcheck.log" | tee -a "$out/summary.txt"
+  for tool in racecheck synccheck; do  # the cluster and shared-memory reductions of the fast path
+    timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool $tool --error-exitcode 3 \
+      $PY bench/memcheck_case.py sparse >"$out/logs/$tool.log" 2>&1 || status=1
+    echo "$tool: $(tail -1 "$out/logs/$tool.log")" | tee -a "$out/summary.txt"
+  done
 fi
 
 if has bench; then
@@ -72,11 +80,12 @@ fi
 if has profile; then
   stage profile
   # --clock-control none: measure the card as found (never change its clocks).
-  timeout "${PROFILE_S:-300}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section MemoryWorkloadAnalysis \
-    --kernel-name regex:'focal_loss|calibration|elementwise|vectorized' --launch-count 60 \
+  # The warm-up launches at N = 64 are profiled too (cheap); the digest lists every launch.
+  timeout "${PROFILE_S:-400}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section InstructionStats --kernel-name regex:'focal_loss|calibration' --launch-count 400 \
     $PY bench/profile_case.py >"$out/logs/ncu.txt" 2>&1 || status=1
-  grep -E "^  [A-Za-z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread" \
+  grep -E "^profile |^  [A-Za-z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Executed Instructions  |Warp Cycles Per Issued" \
     "$out/logs/ncu.txt" | cut -c1-140 >>"$out/summary.txt"
 fi
 

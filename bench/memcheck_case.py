@@ -1,12 +1,37 @@
 """Small focal-loss and calibration cases for compute-sanitizer memcheck: every dtype, both GPU
 backends, rows that are not a multiple of the vector width, ignored and out-of-range targets,
 probability targets, a gamma table on the device, and each backward phase; the vocabulary-window
-phases, scale_unless_one_, the calibration report and sweep, and the fused linear + focal loss."""
+phases, scale_unless_one_, the calibration report and sweep, and the fused linear + focal loss;
+first the CUDA class-index fast path at each of its layouts (alone with the argument `sparse`)."""
+
+import sys
 
 import torch
 
 import calibkernels as ck
 
+
+def sparse_cases():
+    """The CUDA class-index fast path at each of its layouts (rows a warp, rows a block, a row a
+    block, a row a cluster of 2, 4, 8 CTAs): also run under racecheck and synccheck
+    (`python bench/memcheck_case.py sparse`)."""
+    op = torch.ops.calibkernels.focal_loss_forward
+    for dtype in [torch.float32, torch.bfloat16]:
+        vec = 16 // torch.tensor([], dtype=dtype).element_size()
+        for chunks in [1, 5, 33, 129, 1025, 2049, 4097, 8193, 16385]:
+            c = chunks * vec
+            x = torch.randn(5, c, device="cuda", dtype=dtype)
+            t = torch.randint(0, c, (5,), device="cuda")
+            t[1], t[3] = -100, c  # ignored, out of range
+            w = torch.rand(c, device="cuda", dtype=dtype)
+            for reduction in ["none", "mean"]:
+                op(x, t, w, torch.tensor([3.0], dtype=torch.float64), -100, 0.0, reduction, True)
+        print("sparse", dtype, flush=True)
+
+
+sparse_cases()
+if sys.argv[1:] == ["sparse"]:
+    sys.exit(0)
 ck.ops.load_triton()
 OPS = {"cuda": ("focal_loss_forward", "focal_loss_backward", "focal_loss_backward_"),
        "triton": ("focal_loss_forward_triton", "focal_loss_backward_triton",

@@ -256,9 +256,12 @@ def test_gpu_cuda_forward_is_two_launches_at_most():
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 100000])
-def test_gpu_reduced_loss_in_the_row_kernel(n):
+@pytest.mark.parametrize("c", [50, 64, 40000])  # the general kernel, the fast path, a cluster
+def test_gpu_reduced_loss_in_the_row_kernel(n, c):
     # per-block partials summed in block order: deterministic; N = 0 gives torch's results
-    x, t = make_logits(max(n, 1), 50, torch.float32, seed=9, ignore_index=-100)
+    if n * c > 2**28:
+        n //= 100
+    x, t = make_logits(max(n, 1), c, torch.float32, seed=9, ignore_index=-100)
     x, t = x[:n].detach().cuda(), t[:n].cuda()
     for reduction in ["mean", "sum"]:
         ours = ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="cuda")
@@ -266,3 +269,65 @@ def test_gpu_reduced_loss_in_the_row_kernel(n):
         torch.testing.assert_close(ours, torch_, equal_nan=True, rtol=1e-5, atol=1e-6)
         again = ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="cuda")
         assert torch.equal(ours, again) or (ours.isnan() and again.isnan())
+
+
+# Row lengths at the edges of the CUDA class-index fast path's layouts (sparse_layout in
+# csrc/cuda/focal_loss_sparse_kernels.cu), in 16-byte chunks (8 classes of a 16-bit type, 4 of
+# float32): rows a warp (<= 32), rows a block (<= 1024), a row a block (<= 4096), a row a cluster
+# of 2, 4 or 8 CTAs on sm_90 (<= 32768), and beyond, the general kernel.
+SPARSE_CHUNKS = [1, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 1024, 1025, 2048,
+                 2049, 4096, 4097, 8193, 16384, 32768, 32769]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gamma", [3.0, "flsd-53"], ids=str)
+def test_gpu_sparse_layouts_match_reference(dtype, gamma):
+    # the stored gradient (grad_output 1: the forward's registers) and the gradient phase from its
+    # row statistics (any other grad_output), with weights, ignored rows, a confident and an
+    # all-equal row, several rows a block and a partly empty last one
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    for i, chunks in enumerate(SPARSE_CHUNKS):
+        c = chunks * vec
+        n = 37 if c <= 8192 else 3
+        reduction = ["none", "mean", "sum"][i % 3]
+        x, t = make_logits(n, c, dtype, seed=i, ignore_index=-100)
+        x, t = x.detach().cuda(), t.cuda()
+        w = (torch.rand(c, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+             + 0.25).to(dtype)
+        kw = dict(weight=w, ignore_index=-100, reduction=reduction)
+        kw64 = dict(kw, weight=w.double())
+        xr = x.clone().requires_grad_()
+        loss = ck.focal_loss(xr, t, gamma=gamma, backend="cuda", **kw)
+        (stored,) = torch.autograd.grad(loss.sum(), xr)
+        x64 = x.double().requires_grad_()
+        truth = reference.focal_loss(x64, t, gamma=gamma, **kw64)
+        (truth_grad,) = torch.autograd.grad(truth.sum(), x64)
+        xe = x.clone().requires_grad_()
+        eager = reference.focal_loss(xe, t, gamma=gamma, **kw)
+        (eager_grad,) = torch.autograd.grad(eager.sum(), xe)
+        assert loss.dtype == dtype and stored.dtype == dtype
+        assert_within_twice_eager(loss, eager, truth, dtype, f"loss C={c}")
+        assert_within_twice_eager(stored, eager_grad, truth_grad, dtype, f"stored grad C={c}")
+        ours = loss_and_grad(partial(ck.focal_loss, backend="cuda"), x, t, gamma, **kw)
+        want = loss_and_grad(reference.focal_loss, x.double(), t, gamma, **kw64)
+        got = loss_and_grad(reference.focal_loss, x, t, gamma, **kw)
+        assert_within_twice_eager(ours[1], got[1], want[1], dtype, f"grad phase C={c}")
+        again = ck.focal_loss(x, t, gamma=gamma, backend="cuda", **kw)
+        assert torch.equal(loss.detach(), again), f"C={c}: not deterministic"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunks", [3, 33, 1025, 4096, 8193, 32768])
+def test_gpu_sparse_bad_and_poisoned_rows(dtype, chunks):
+    # an out-of-range target and a +inf logit make only their rows NaN; an ignored row is 0
+    c = chunks * (16 // torch.tensor([], dtype=dtype).element_size())
+    x, t = make_logits(6, c, dtype, seed=chunks)
+    x, t = x.detach().cuda(), t.cuda()
+    t[1], t[2], x[3, 0] = c, -100, float("inf")
+    loss, grad, _ = _forward_op("cuda")(x, t, None, _table(2.0), -100, 0.0, "none", True)
+    torch.cuda.synchronize()
+    nan_rows = [False, True, False, True, False, False]
+    assert loss.isnan().tolist() == nan_rows
+    assert grad.isnan().all(dim=1).tolist() == nan_rows
+    assert loss[2].item() == 0.0 and not grad[2].any()
+    assert torch.isfinite(grad[[0, 4, 5]]).all()

@@ -70,11 +70,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cuda(
   at::Tensor grad = compute_grad ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
   at::Tensor stats = at::empty({compute_grad ? N : 0, kRowStats}, x.options().dtype(acc_type));
   at::Tensor divisor = at::empty({}, x.options().dtype(at::kDouble));
+  p.vectorized = p.vectorized && (!compute_grad || rows_aligned16(grad));  // picks the kernel
   at::Tensor partials = at::empty({reduced ? focal_loss_row_blocks(p) : 0},
                                   x.options().dtype(at::kDouble));
   at::Tensor ticket = at::empty({reduced ? 1 : 0}, x.options().dtype(at::kInt));
   p.out_dtype = to_dtype(out_dtype);
-  p.vectorized = p.vectorized && (!compute_grad || rows_aligned16(grad));
   p.loss = loss.mutable_data_ptr();
   p.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
   p.stats = compute_grad ? stats.mutable_data_ptr() : nullptr;

@@ -12,8 +12,7 @@
 #include <climits>
 #include <type_traits>
 
-#include "cuda_utils.cuh"
-#include "focal_loss_launch.h"
+#include "focal_loss_common.cuh"
 
 namespace calibkernels {
 namespace {
@@ -195,33 +194,6 @@ __device__ __forceinline__ void grad_chunk(const A (&v)[VEC], int64_t base, int6
   }
 }
 
-__device__ __forceinline__ void store_value(void* dst, int64_t i, DType d, double v) {
-  switch (d) {
-    case DType::Float32: static_cast<float*>(dst)[i] = static_cast<float>(v); break;
-    case DType::Float64: static_cast<double*>(dst)[i] = v; break;
-    case DType::Float16: static_cast<__half*>(dst)[i] = __double2half(v); break;
-    case DType::BFloat16:
-      static_cast<__nv_bfloat16*>(dst)[i] = __float2bfloat16_rn(static_cast<float>(v));
-      break;
-  }
-}
-
-// select_gamma of the launch's schedule: from the kernel parameters, or from a table on the
-// device (read in place: a copy of the schedule would live in local memory).
-template <typename A>
-__device__ __forceinline__ A launch_gamma(const FocalLossLaunch& p, A p_y) {
-  if (p.table == nullptr) return select_gamma(p.schedule, p_y);
-  const int n = p.schedule.n;
-  double g = p.table[2 * n];
-  for (int j = 0; j < n; ++j) {
-    if (p_y < static_cast<A>(p.table[j])) {
-      g = p.table[n + j];
-      break;
-    }
-  }
-  return g >= 0.0 && g <= 1e300 ? static_cast<A>(g) : static_cast<A>(NAN);
-}
-
 template <typename T, typename TT, int TPR>
 __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
     focal_loss_forward_kernel(const FocalLossLaunch p) {
@@ -231,7 +203,6 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   __shared__ SoftmaxState<A> smem_state[32];
   __shared__ A smem_sum[32];
   __shared__ double smem_loss[ROWS > 32 ? ROWS : 32];
-  __shared__ bool last_block;
 
   const T* __restrict__ logits = static_cast<const T*>(p.logits);
   const TT* __restrict__ probs = static_cast<const TT*>(p.probs);
@@ -369,37 +340,7 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   }
   if (p.reduction == ReductionKind::None) return;
 
-  // The reduced loss: each block's partial, then the last block to finish sums them in block
-  // order (deterministic) and writes the loss in its dtype.
-  if (threadIdx.x == 0) {
-    p.partials[blockIdx.x] = block_loss;
-    __threadfence();
-    last_block = atomicAdd(p.ticket, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  __shared__ double smem_total[256];
-  double acc = 0.0;
-  const volatile double* partials = p.partials;
-  for (unsigned j = threadIdx.x; j < gridDim.x; j += blockDim.x) acc += partials[j];
-  const int width = blockDim.x < 256 ? blockDim.x : 256;
-  if (threadIdx.x < 256) smem_total[threadIdx.x] = 0.0;
-  __syncthreads();
-  for (unsigned t = 0; t < blockDim.x; t += 256) {  // fold blockDim.x partial sums onto 256
-    if (threadIdx.x >= t && threadIdx.x < t + 256) smem_total[threadIdx.x - t] += acc;
-    __syncthreads();
-  }
-  for (int half = width / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) smem_total[threadIdx.x] += smem_total[threadIdx.x + half];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const double total = smem_total[0];
-    store_value(p.loss, 0, p.out_dtype,
-                p.reduction == ReductionKind::Mean ? total / *p.divisor : total);
-    *p.ticket = 0u;  // ready for the next call on this workspace
-  }
+  finish_reduced_loss(p, block_loss);
 }
 
 // Before a reduced loss: the mean's divisor, the sum of w_y over non-ignored samples (NaN if a
@@ -489,7 +430,11 @@ unsigned row_grid(const FocalLossLaunch& p) {
 // threads, then the rest streams.
 template <typename T, typename F>
 cudaError_t by_row_length(const FocalLossLaunch& p, F&& launch) {
-  constexpr int64_t per_thread = (16 / sizeof(T)) * kItems;
+  constexpr int64_t vec = 16 / sizeof(T), per_thread = vec * kItems;
+  // short rows: a chunk a thread, several rows a warp
+  if (p.n_classes <= 4 * vec) return launch(std::integral_constant<int, 4>{});
+  if (p.n_classes <= 8 * vec) return launch(std::integral_constant<int, 8>{});
+  if (p.n_classes <= 16 * vec) return launch(std::integral_constant<int, 16>{});
   if (p.n_classes <= 32 * per_thread) return launch(std::integral_constant<int, 32>{});
   if (p.n_classes <= 256 * per_thread) return launch(std::integral_constant<int, 256>{});
   return launch(std::integral_constant<int, 1024>{});
@@ -512,6 +457,8 @@ cudaError_t dispatch_types(const FocalLossLaunch& p, F&& launch) {
 }  // namespace
 
 int64_t focal_loss_row_blocks(const FocalLossLaunch& p) {
+  const int64_t sparse = focal_loss_sparse_blocks(p);
+  if (sparse > 0) return sparse;
   int64_t blocks = 1;
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -531,7 +478,9 @@ cudaError_t launch_focal_loss_forward(const FocalLossLaunch& p, cudaStream_t str
     if (p.reduction != ReductionKind::None) {
       focal_loss_prepare_kernel<A><<<1, kReduceThreads, 0, stream>>>(p);
     }
-    if (p.n_rows > 0 || p.reduction != ReductionKind::None) {
+    cudaError_t err = cudaSuccess;
+    if ((p.n_rows > 0 || p.reduction != ReductionKind::None) &&
+        !launch_focal_loss_sparse_forward(p, stream, &err)) {
       by_row_length<T>(p, [&](auto tpr) {
         constexpr int TPR = decltype(tpr)::value;
         focal_loss_forward_kernel<T, TT, TPR>
@@ -539,7 +488,7 @@ cudaError_t launch_focal_loss_forward(const FocalLossLaunch& p, cudaStream_t str
         return cudaSuccess;
       });
     }
-    return cudaGetLastError();
+    return err != cudaSuccess ? err : cudaGetLastError();
   });
 }
 

@@ -43,6 +43,12 @@ struct FocalLossLaunch {
 // The row blocks of the forward kernel (the size of the partials workspace).
 int64_t focal_loss_row_blocks(const FocalLossLaunch& p);
 
+// The class-index fast path (focal_loss_sparse_kernels.cu): its row blocks, 0 where it does not
+// take the launch; and its forward row kernel, false (nothing enqueued) where it does not.
+int64_t focal_loss_sparse_blocks(const FocalLossLaunch& p);
+bool launch_focal_loss_sparse_forward(const FocalLossLaunch& p, cudaStream_t stream,
+                                      cudaError_t* err);
+
 // Enqueue the kernels on `stream`; return the launch status (no host synchronisation).
 cudaError_t launch_focal_loss_forward(const FocalLossLaunch& p, cudaStream_t stream);
 cudaError_t launch_focal_loss_backward(const FocalLossLaunch& p, cudaStream_t stream);

@@ -1,0 +1,446 @@
+// Focal loss forward on CUDA for class-index targets without label smoothing: the training case
+// (CONTRACT §1). Off the true class the gradient is c * p_j, one coefficient c per row, so a row
+// is: its 16-byte chunks loaded into registers (every load issued before the first use), the max,
+// one exp2 per element for the sum, the row's scalars, then one exp and one multiply per element
+// for the gradient, stored from the same registers. The logits are read once and the gradient
+// written once. By row length (sparse_layout): several rows per warp or block for short rows, one
+// row per block up to 64 KB (32768 bf16 classes), and on sm_90 one row per thread-block cluster
+// whose CTAs exchange their partial results through distributed shared memory and merge them in
+// rank order (the same bits in every CTA: deterministic). Every other case (probability
+// targets, smoothing, float64, rows not 16-byte aligned, no clusters for a long row) is
+// focal_loss_kernels.cu's, which also runs the gradient phase from the RowStats written here.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <climits>
+#include <type_traits>
+
+#include "focal_loss_common.cuh"
+
+namespace calibkernels {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kClusterThreads = 512, kClusterItems = 8;  // one CTA of a cluster: 64 KB of a row
+
+__host__ __device__ constexpr int threads_of(int tpr) { return tpr < 256 ? 256 : tpr; }
+
+struct Max {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }  // NaN-blind, as max
+};
+struct Add2 {
+  __device__ float2 operator()(float2 a, float2 b) const { return {a.x + b.x, a.y + b.y}; }
+};
+
+__device__ __forceinline__ float shfl_xor(float v, int off) {
+  return __shfl_xor_sync(0xffffffffu, v, off);
+}
+__device__ __forceinline__ float2 shfl_xor(float2 v, int off) {
+  return {__shfl_xor_sync(0xffffffffu, v.x, off), __shfl_xor_sync(0xffffffffu, v.y, off)};
+}
+
+template <typename V>
+__device__ __forceinline__ V shfl(V v, int lane) {
+  if constexpr (std::is_same_v<V, float2>) {
+    return {__shfl_sync(0xffffffffu, v.x, lane), __shfl_sync(0xffffffffu, v.y, lane)};
+  } else {
+    return __shfl_sync(0xffffffffu, v, lane);
+  }
+}
+
+// Over the TPR threads of a row: a shuffle tree, then (TPR > 32) the row's warps in order through
+// shared memory. Every thread of the row gets the same, run-to-run identical value.
+template <int TPR, typename V, typename Op>
+__device__ __forceinline__ V row_reduce(V v, V* smem, Op op) {
+#pragma unroll
+  for (int off = (TPR < 32 ? TPR : 32) / 2; off > 0; off /= 2) v = op(v, shfl_xor(v, off));
+  if constexpr (TPR > 32) {
+    constexpr int W = TPR / 32;
+    const int warp = threadIdx.x / 32, first = warp / W * W;
+    __syncthreads();  // the slots may still be read by the previous reduction
+    if (threadIdx.x % 32 == 0) smem[warp] = v;
+    __syncthreads();
+    v = smem[first];
+#pragma unroll
+    for (int j = 1; j < W; ++j) v = op(v, smem[first + j]);
+  }
+  return v;
+}
+
+// Over the CTAs of a cluster (one row): each publishes its value in `slot`, and every CTA merges
+// all of them in rank order. The caller's next cluster_reduce (another slot) or the final
+// cluster sync keeps a slot from being rewritten while another CTA may still read it.
+template <int CLUSTER, typename V, typename Op>
+__device__ __forceinline__ V cluster_reduce(V v, V* slot, Op op) {
+  if constexpr (CLUSTER == 1) {
+    return v;
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) *slot = v;
+    cluster.sync();
+    // Lane j of every warp reads rank j's value; each warp merges them in rank order.
+    const V mine = *cluster.map_shared_rank(slot, static_cast<int>(threadIdx.x % 32) % CLUSTER);
+    v = shfl(mine, 0);
+#pragma unroll
+    for (int r = 1; r < CLUSTER; ++r) v = op(v, shfl(mine, r));
+#else
+    __trap();  // never launched: the host launches clusters only on sm_90 code
+#endif
+    return v;
+  }
+}
+
+// 2^v, results below 2^-126 flushed to 0: for the row's sum, which is at least 1. (The gradient
+// uses expf: torch's accuracy and subnormals, for 3 more instructions an element.)
+__device__ __forceinline__ float exp2_ftz(float v) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
+}
+
+// The largest value of a chunk, NaN-blind like fmaxf: 16-bit types two at a time, exactly.
+__device__ __forceinline__ float chunk_max(const Pack<float, 4>& c) {
+  return fmaxf(fmaxf(c.v[0], c.v[1]), fmaxf(c.v[2], c.v[3]));
+}
+template <typename H>
+__device__ __forceinline__ float chunk_max(const Pack<H, 8>& c) {
+  using H2 = std::conditional_t<std::is_same_v<H, __half>, __half2, __nv_bfloat162>;
+  const H2* h = reinterpret_cast<const H2*>(c.v);
+  const H2 m = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
+  return fmaxf(to_math(m.x), to_math(m.y));
+}
+
+// Tells the compiler the chunk changed: each pass converts it again from its packed registers
+// instead of keeping every converted float alive across the row's reductions (which spills).
+template <typename Chunk>
+__device__ __forceinline__ void keep_packed(Chunk& c) {
+  static_assert(sizeof(Chunk) == 16, "16-byte chunks");
+  unsigned* u = reinterpret_cast<unsigned*>(&c);
+  asm volatile("" : "+r"(u[0]), "+r"(u[1]), "+r"(u[2]), "+r"(u[3]));
+}
+
+__device__ __forceinline__ void cluster_sync_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+template <typename T, int TPR, int ITEMS, int CLUSTER>
+__global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
+    focal_loss_sparse_forward_kernel(const FocalLossLaunch p) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int THREADS = threads_of(TPR);
+  constexpr int ROWS = THREADS / TPR;  // rows of a block (1 from 256 threads a row)
+  using Chunk = Pack<T, VEC>;
+  __shared__ float smem_max[THREADS / 32];
+  __shared__ float2 smem_sum[THREADS / 32];
+  __shared__ float slot_max;  // this CTA's part of the row, read by the other CTAs of the cluster
+  __shared__ float2 slot_sum;
+  __shared__ double smem_loss[ROWS];
+
+  const int C = static_cast<int>(p.n_classes);  // < 2^31 on this path: 32-bit offsets in a row
+  const int chunks = C / VEC;                   // C % VEC == 0 on this path
+  const int per_cta = (chunks + CLUSTER - 1) / CLUSTER;
+  const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
+  const int chunk0 = rank * per_cta;
+  const int n_local = max(0, min(per_cta, chunks - chunk0));
+  const int lane = threadIdx.x % TPR, group = threadIdx.x / TPR;
+  const int my_chunk = chunk0 + lane;  // this thread's chunks: my_chunk + i TPR, i < ITEMS
+  unsigned mine = 0;                   // bit i: chunk i is in the row (and this CTA's part)
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) mine |= (i * TPR + lane < n_local ? 1u : 0u) << i;
+  const float* __restrict__ w = static_cast<const float*>(p.weight);
+  const float scale_all =
+      p.reduction == ReductionKind::Mean ? 1.0f / static_cast<float>(*p.divisor) : 1.0f;
+  const int64_t groups = gridDim.x / CLUSTER;  // rows in flight: ROWS per block or cluster
+  __shared__ double block_loss;                // this block's rows, in order (by thread 0)
+  if (threadIdx.x == 0) block_loss = 0.0;      // (in shared memory: registers are for the row)
+
+  for (int64_t first = static_cast<int64_t>(blockIdx.x / CLUSTER) * ROWS; first < p.n_rows;
+       first += groups * ROWS) {
+    // Threads past the last row still join every shuffle and barrier (uniform control flow).
+    const int64_t r = first + group;
+    const bool active = r < p.n_rows;
+    const int64_t row_i = active ? r : 0;
+    const int64_t y64 = active ? p.target[row_i] : p.ignore_index;
+    const bool ignored = y64 == p.ignore_index;
+    const bool bad = !ignored && (y64 < 0 || y64 >= C);  // never read it
+    const bool live = active && !ignored && !bad;
+    const int y = live ? static_cast<int>(y64) : 0;
+    const T* __restrict__ row = static_cast<const T*>(p.logits) + row_i * p.n_classes;
+    const Chunk* __restrict__ row_chunks = reinterpret_cast<const Chunk*>(row) + my_chunk;
+
+    Chunk x[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (active && (mine >> i & 1u)) x[i] = row_chunks[i * TPR];
+    }
+    const float x_y = live ? to_math(row[y]) : 0.0f;
+
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (active && (mine >> i & 1u)) m = fmaxf(m, chunk_max(x[i]));
+      keep_packed(x[i]);
+    }
+    m = cluster_reduce<CLUSTER>(row_reduce<TPR>(m, smem_max, Max{}), &slot_max, Max{});
+
+    // (number of x == m, sum of exp(x - m) over the rest): see log_sum_exp_shifted.
+    float2 ns = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if (active && (mine >> i & 1u)) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const float d = to_math(x[i].v[k]) - m;
+          const float e = exp2_ftz(d * kLog2e);  // computed for every element: no branch
+          ns.x += d == 0.0f ? 1.0f : 0.0f;
+          ns.y += d == 0.0f ? 0.0f : e;
+        }
+      }
+      keep_packed(x[i]);
+    }
+    ns = cluster_reduce<CLUSTER>(row_reduce<TPR>(ns, smem_sum, Add2{}), &slot_sum, Add2{});
+
+    // The row's scalars, the same in every thread of the row (and every CTA of its cluster).
+    const float s = ns.x + ns.y;
+    const float log_s = log_sum_exp_shifted(ns.x, ns.y);
+    const float lp_y = live ? (x_y - m) - log_s : 0.0f;
+    const float gamma = launch_gamma(p, ck_exp(lp_y));
+    const FocalTerms<float> ty = focal_terms(lp_y, ck_exp(lp_y), gamma);
+    const float w_y = live && w != nullptr ? w[y] : 1.0f;
+    const float aG_y = w_y * ty.G;
+    const bool poisoned = poisoned_max(m);  // as torch: x - max is inf - inf
+    const float S = poisoned ? NAN : aG_y;
+    const float g_y = poisoned ? NAN : true_class_grad(ty, 0.0f, aG_y);
+    const float scale = live ? scale_all : 0.0f;
+    const float row_loss = !active || ignored ? 0.0f : (bad || poisoned ? NAN : -(w_y * ty.f));
+    if (lane == 0 && rank == 0) {
+      if (active && p.reduction == ReductionKind::None) {
+        store_value(p.loss, row_i, p.out_dtype, row_loss);
+      }
+      smem_loss[group] = active ? static_cast<double>(row_loss) : 0.0;
+      if (active && p.grad != nullptr) {
+        float* o = static_cast<float*>(p.stats) + row_i * kRowStats;
+        o[0] = m; o[1] = s; o[2] = log_s; o[3] = gamma; o[4] = S; o[5] = g_y; o[6] = scale;
+      }
+    }
+
+    // The gradient for grad_output = 1 from the registers: c p_j, then the true class.
+    if (p.grad != nullptr && active) {
+      T* __restrict__ grow = static_cast<T*>(p.grad) + row_i * p.n_classes;
+      Chunk* __restrict__ grad_chunks = reinterpret_cast<Chunk*>(grow) + my_chunk;
+      if (live) {
+        const float coef = S * scale / s;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          if (mine >> i & 1u) {
+            Chunk g;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              g.v[k] = from_math<T>(ck_exp(to_math(x[i].v[k]) - m) * coef);
+            }
+            grad_chunks[i * TPR] = g;
+          }
+        }
+        // The thread that wrote y's chunk overwrites y (program order keeps its store last).
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          if ((mine >> i & 1u) && static_cast<unsigned>(y - (my_chunk + i * TPR) * VEC) < VEC) {
+            grow[y] = from_math<T>(g_y * scale);
+          }
+        }
+      } else {  // an ignored sample: 0; an out-of-range target: NaN
+        Chunk g;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) g.v[k] = from_math<T>(bad ? NAN : 0.0f);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+          if (mine >> i & 1u) grad_chunks[i * TPR] = g;
+        }
+      }
+    }
+    if (p.reduction != ReductionKind::None) {
+      if constexpr (ROWS > 1) __syncthreads();
+      if (threadIdx.x == 0 && rank == 0) {  // a cluster's row is its rank 0's
+        for (int j = 0; j < ROWS; ++j) block_loss += smem_loss[j];
+      }
+      if constexpr (ROWS > 1) __syncthreads();
+    }
+  }
+  if constexpr (CLUSTER > 1) cluster_sync_all();  // no CTA leaves while its slots may be read
+  if (p.reduction != ReductionKind::None) {
+    finish_reduced_loss(p, threadIdx.x == 0 ? block_loss : 0.0);
+  }
+}
+
+// Launch configuration of the cluster kernels (CLUSTER > 1).
+cudaLaunchConfig_t cluster_config(unsigned grid, int cluster, cudaStream_t stream,
+                                  cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kClusterThreads);
+  cfg.stream = stream;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Whether this device runs the cluster kernel of T and CLUSTER: cluster launch supported, the
+// kernel's code built for sm_90 or later (an sm_80-only build has no clusters), and a cluster
+// fits on the device. Asked once per device (host-side queries, no synchronisation).
+template <typename T, int CLUSTER>
+bool cluster_ready() {
+  constexpr int kDevices = 64;
+  static std::atomic<signed char> known[kDevices];  // 0: not asked yet, 1: yes, -1: no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
+    cudaGetLastError();
+    return false;
+  }
+  signed char state = known[dev].load(std::memory_order_relaxed);
+  if (state == 0) {
+    auto kernel = focal_loss_sparse_forward_kernel<T, kClusterThreads, kClusterItems, CLUSTER>;
+    int supported = 0, clusters = 0;
+    cudaFuncAttributes attrs{};
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(CLUSTER, CLUSTER, 0, &attr);
+    const bool ok = cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, dev) ==
+                        cudaSuccess &&
+                    supported && cudaFuncGetAttributes(&attrs, kernel) == cudaSuccess &&
+                    attrs.binaryVersion >= 90 &&
+                    cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess &&
+                    clusters > 0;
+    cudaGetLastError();  // a refused query leaves no error behind
+    state = ok ? 1 : -1;
+    known[dev].store(state, std::memory_order_relaxed);
+  }
+  return state > 0;
+}
+
+int pow2_at_least(int64_t v) {
+  int r = 1;
+  while (r < v) r *= 2;
+  return r;
+}
+
+struct SparseLayout {
+  int tpr = 0, items = 0, cluster = 0;  // tpr == 0: not this path
+};
+
+// Threads a row (tpr), 16-byte chunks a thread (items) and CTAs a row (cluster) by row length.
+template <typename T>
+SparseLayout sparse_layout(const FocalLossLaunch& p) {
+  if (p.probs != nullptr || p.target == nullptr || p.smoothing != 0.0 || !p.vectorized ||
+      p.n_classes > INT_MAX / 2) {
+    return {};
+  }
+  constexpr int vec = 16 / sizeof(T);
+  const int64_t chunks = p.n_classes / vec;
+  if (chunks <= 32) return {pow2_at_least(chunks < 4 ? 4 : chunks), 1, 1};  // rows a warp
+  if (chunks <= 128) return {32, pow2_at_least((chunks + 31) / 32), 1};
+  if (chunks <= 1024) return {pow2_at_least((chunks + 3) / 4), 4, 1};  // rows a block
+  if (chunks <= 4096) return {pow2_at_least((chunks + 7) / 8), 8, 1};
+  const int cluster = pow2_at_least((chunks + 4095) / 4096);  // a row a cluster (sm_90)
+  bool ready = false;
+  if (cluster == 2) ready = cluster_ready<T, 2>();
+  if (cluster == 4) ready = cluster_ready<T, 4>();
+  if (cluster == 8) ready = cluster_ready<T, 8>();
+  return ready ? SparseLayout{kClusterThreads, kClusterItems, cluster} : SparseLayout{};
+}
+
+template <typename T, int TPR, int ITEMS, int CLUSTER>
+unsigned sparse_grid(const FocalLossLaunch& p) {
+  constexpr int rows = threads_of(TPR) / TPR;
+  int64_t groups = (p.n_rows + rows - 1) / rows;
+  groups = groups < 1 ? 1 : groups > INT_MAX / CLUSTER ? INT_MAX / CLUSTER : groups;
+  return static_cast<unsigned>(groups * CLUSTER);
+}
+
+// Calls f with the kernel's template arguments for layout l (false if l is not this path).
+template <typename T, typename F>
+bool with_layout(const SparseLayout& l, F&& f) {
+  using std::integral_constant;
+  auto run = [&](auto tpr, auto items, auto cluster) {
+    f(tpr, items, cluster);
+    return true;
+  };
+  using I1 = integral_constant<int, 1>;
+  using I2 = integral_constant<int, 2>;
+  using I4 = integral_constant<int, 4>;
+  using I8 = integral_constant<int, 8>;
+  using Big = integral_constant<int, kClusterThreads>;
+  switch (l.tpr * 100 + l.items * 10 + (l.cluster > 1 ? l.cluster : 0)) {
+    case 4 * 100 + 10: return run(integral_constant<int, 4>{}, I1{}, I1{});
+    case 8 * 100 + 10: return run(integral_constant<int, 8>{}, I1{}, I1{});
+    case 16 * 100 + 10: return run(integral_constant<int, 16>{}, I1{}, I1{});
+    case 32 * 100 + 10: return run(integral_constant<int, 32>{}, I1{}, I1{});
+    case 32 * 100 + 20: return run(integral_constant<int, 32>{}, I2{}, I1{});
+    case 32 * 100 + 40: return run(integral_constant<int, 32>{}, I4{}, I1{});
+    case 64 * 100 + 40: return run(integral_constant<int, 64>{}, I4{}, I1{});
+    case 128 * 100 + 40: return run(integral_constant<int, 128>{}, I4{}, I1{});
+    case 256 * 100 + 40: return run(integral_constant<int, 256>{}, I4{}, I1{});
+    case 256 * 100 + 80: return run(integral_constant<int, 256>{}, I8{}, I1{});
+    case 512 * 100 + 80: return run(Big{}, I8{}, I1{});
+    case 512 * 100 + 82: return run(Big{}, I8{}, I2{});
+    case 512 * 100 + 84: return run(Big{}, I8{}, I4{});
+    case 512 * 100 + 88: return run(Big{}, I8{}, I8{});
+  }
+  return false;
+}
+
+template <typename F>
+bool with_sparse_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float16: return f(__half{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
+    case DType::Float64: return false;  // the general kernel: math in double
+  }
+  return false;
+}
+
+}  // namespace
+
+int64_t focal_loss_sparse_blocks(const FocalLossLaunch& p) {
+  int64_t blocks = 0;
+  with_sparse_type(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return with_layout<T>(sparse_layout<T>(p), [&](auto tpr, auto items, auto cluster) {
+      blocks = sparse_grid<T, tpr.value, items.value, cluster.value>(p);
+    });
+  });
+  return blocks;
+}
+
+bool launch_focal_loss_sparse_forward(const FocalLossLaunch& p, cudaStream_t stream,
+                                      cudaError_t* err) {
+  return with_sparse_type(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return with_layout<T>(sparse_layout<T>(p), [&](auto tpr, auto items, auto cluster) {
+      constexpr int TPR = tpr.value, ITEMS = items.value, CLUSTER = cluster.value;
+      auto kernel = focal_loss_sparse_forward_kernel<T, TPR, ITEMS, CLUSTER>;
+      const unsigned grid = sparse_grid<T, TPR, ITEMS, CLUSTER>(p);
+      if constexpr (CLUSTER == 1) {
+        kernel<<<grid, threads_of(TPR), 0, stream>>>(p);
+        *err = cudaGetLastError();
+      } else {
+        cudaLaunchAttribute attr;
+        const cudaLaunchConfig_t cfg = cluster_config(grid, CLUSTER, stream,
+                                                                        &attr);
+        *err = cudaLaunchKernelEx(&cfg, kernel, p);
+      }
+    });
+  });
+}
+
+}  // namespace calibkernels
