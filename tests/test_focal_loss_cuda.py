@@ -273,10 +273,10 @@ def test_gpu_reduced_loss_in_the_row_kernel(n, c):
 
 # Row lengths at the edges of the CUDA class-index fast path's layouts (sparse_layout in
 # csrc/cuda/focal_loss_sparse_kernels.cu), in 16-byte chunks (8 classes of a 16-bit type, 4 of
-# float32): rows a warp (<= 32), rows a block (<= 1024), a row a block (<= 4096), a row a cluster
-# of 2, 4 or 8 CTAs on sm_90 (<= 32768), and beyond, the general kernel.
-SPARSE_CHUNKS = [1, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 1024, 1025, 2048,
-                 2049, 4096, 4097, 8193, 16384, 32768, 32769]
+# float32): rows a warp (<= 32), a warp a row (<= 128), rows a block (<= 512), a row a block
+# (<= 4096), a row a cluster of 2, 4 or 8 CTAs on sm_90 (<= 32768), and beyond, the general kernel.
+SPARSE_CHUNKS = [1, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 1024,
+                 1025, 2048, 2049, 4096, 4097, 8193, 16384, 32768, 32769]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -288,7 +288,7 @@ def test_gpu_sparse_layouts_match_reference(dtype, gamma):
     vec = 16 // torch.tensor([], dtype=dtype).element_size()
     for i, chunks in enumerate(SPARSE_CHUNKS):
         c = chunks * vec
-        n = 37 if c <= 8192 else 3
+        n = 37 if c <= 8192 else 8  # 8: confident rows 0 and 4, the all-equal row 2 is live
         reduction = ["none", "mean", "sum"][i % 3]
         x, t = make_logits(n, c, dtype, seed=i, ignore_index=-100)
         x, t = x.detach().cuda(), t.cuda()
@@ -331,3 +331,25 @@ def test_gpu_sparse_bad_and_poisoned_rows(dtype, chunks):
     assert grad.isnan().all(dim=1).tolist() == nan_rows
     assert loss[2].item() == 0.0 and not grad[2].any()
     assert torch.isfinite(grad[[0, 4, 5]]).all()
+
+
+def test_gpu_fast_path_kernels_are_the_ones_run():
+    # class-index targets without smoothing in 16-byte rows take the fast path (a cluster of CTAs
+    # a row on sm_90); smoothing takes the general kernel
+    cases = [(torch.bfloat16, 1000, 0.0, "sparse"), (torch.float32, 32000, 0.0, "sparse"),
+             (torch.bfloat16, 128256, 0.0, "sparse"), (torch.float32, 1000, 0.1, "general"),
+             (torch.bfloat16, 1001, 0.0, "general")]
+    for dtype, c, smoothing, expected in cases:
+        x, t = make_logits(4, c, dtype, seed=c)
+        x, t = x.detach().cuda(), t.cuda()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _forward_op("cuda")(x, t, None, _table(3.0), -100, smoothing, "mean", True)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA and "forward" in e.name]
+        assert len(names) == 1, names
+        sparse = "focal_loss_sparse_forward_kernel" in names[0]
+        assert sparse == (expected == "sparse"), (dtype, c, names)
+        if sparse and c * x.element_size() > 65536:  # a cluster of CTAs a row where sm_90 allows
+            clustered = ", 512, 8, 1>" not in names[0]
+            assert clustered == (torch.cuda.get_device_capability() >= (9, 0)), names

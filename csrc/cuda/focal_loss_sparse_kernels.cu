@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
 
     // The gradient for grad_output = 1 from the registers: c p_j, then the true class.
     if (p.grad != nullptr && active) {
-      T* __restrict__ grow = static_cast<T*>(p.grad) + row_i * p.n_classes;
-      Chunk* __restrict__ grad_chunks = reinterpret_cast<Chunk*>(grow) + my_chunk;
+      T* grow = static_cast<T*>(p.grad) + row_i * p.n_classes;  // no __restrict__: y is
+      Chunk* grad_chunks = reinterpret_cast<Chunk*>(grow) + my_chunk;  // stored through both
       if (live) {
         const float coef = S * scale / s;
 #pragma unroll
@@ -314,15 +314,19 @@ bool cluster_ready() {
     cudaFuncAttributes attrs{};
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = cluster_config(CLUSTER, CLUSTER, 0, &attr);
+    // ptxVersion: the architecture the kernel's body was compiled for (__CUDA_ARCH__); an
+    // sm_80 build JIT-compiled on an H100 has binaryVersion 90 but the body without clusters.
     const bool ok = cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, dev) ==
                         cudaSuccess &&
                     supported && cudaFuncGetAttributes(&attrs, kernel) == cudaSuccess &&
-                    attrs.binaryVersion >= 90 &&
+                    attrs.ptxVersion >= 90 && attrs.binaryVersion >= 90 &&
                     cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess &&
                     clusters > 0;
     cudaGetLastError();  // a refused query leaves no error behind
-    state = ok ? 1 : -1;
-    known[dev].store(state, std::memory_order_relaxed);
+    // The first answer stays: the partials' size and the launch must see the same layout.
+    signed char unknown = 0;
+    known[dev].compare_exchange_strong(unknown, ok ? 1 : -1);
+    state = known[dev].load();
   }
   return state > 0;
 }
