@@ -130,10 +130,15 @@ def _op(backend, x):
     return ops.calibration_bins
 
 
+def _fused(rows, target, n_bins, from_logits, ignore_index, classwise, per_sample, backend):
+    """The calibration_bins op's outputs on rows (csrc/calibkernels.cpp lists them)."""
+    return _op(backend, rows)(rows, target, bin_boundaries(n_bins, rows.device),
+                              _mode(from_logits), int(ignore_index), classwise, per_sample)
+
+
 def _bins(rows, target, n_bins, from_logits, ignore_index, classwise, per_sample, backend):
     """calibration_bins on rows: (CalibrationState, confidence, correct)."""
-    out = _op(backend, rows)(rows, target, bin_boundaries(n_bins, rows.device),
-                             _mode(from_logits), int(ignore_index), classwise, per_sample)
+    out = _fused(rows, target, n_bins, from_logits, ignore_index, classwise, per_sample, backend)
     state = CalibrationState(out[0], out[1], out[2],
                              *(out[3:6] if classwise else (None,) * 3), out[8][0], out[8][1])
     return state, out[6], out[7]
@@ -147,6 +152,11 @@ def calibration_bins(input, target, n_bins=15, *, from_logits=None, ignore_index
     n_bins = as_n_bins(n_bins)
     rows, target = as_rows(input, target)
     return _bins(rows, target, n_bins, from_logits, ignore_index, classwise, False, backend)[0]
+
+
+def binned_errors(counts, conf_sums, hits):
+    """ECE, MCE and RMSCE of a binned state, stacked on the last dimension (float64)."""
+    return torch.stack([binned_error(counts, conf_sums, hits, norm) for norm in NORMS], -1)
 
 
 def binned_error(counts, conf_sums, hits, norm="l1"):
@@ -170,9 +180,9 @@ def calibration_error(logits_or_probs, target, n_bins=15, norm="l1", from_logits
     the MCE, "l2" the RMSCE. Samples whose target is ignore_index are left out."""
     if norm not in NORMS:
         raise ValueError(f"calibration: norm must be one of {NORMS}, got {norm!r}")
-    s = calibration_bins(logits_or_probs, target, n_bins, from_logits=from_logits,
-                         ignore_index=ignore_index, backend=backend)
-    return binned_error(s.counts, s.conf_sums, s.hits, norm)
+    rows, target = as_rows(logits_or_probs, target)
+    out = _fused(rows, target, as_n_bins(n_bins), from_logits, ignore_index, False, False, backend)
+    return out[8][3 + NORMS.index(norm)]  # computed by the kernel from the state it formed
 
 
 def ece(logits_or_probs, target, n_bins=15, from_logits=None, ignore_index=-100, **kw):

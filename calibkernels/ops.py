@@ -171,7 +171,7 @@ def _calibration_bins_fake(input, target, boundaries, mode, ignore_index, classw
             torch.empty(cw, n_bins, **i64), torch.empty(cw, n_bins, **f64),
             torch.empty(cw, n_bins, **i64),
             input.new_empty(m, dtype=_acc_dtype(input.dtype)),
-            input.new_empty(m, dtype=torch.bool), torch.empty(3, **f64))
+            input.new_empty(m, dtype=torch.bool), torch.empty(6, **f64))
 
 
 @torch.library.register_fake("calibkernels::calibration_sweep")

@@ -12,6 +12,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from . import triton_kernels as tk
+from .calibration import binned_errors
 from .ops import KERNEL_FLOATS, ROW_STATS, _acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -299,7 +300,8 @@ def calibration_bins_triton(
     pick = results[0] if len(results) == 1 else [
         torch.where(probs, p, l) for l, p in zip(results[0], results[1])]
     counts, conf_sums, hits, cw_counts, cw_sums, cw_hits, conf, totals = pick
-    totals = torch.cat([totals, probs.to(torch.float64).reshape(1)])
+    totals = torch.cat([totals, probs.to(torch.float64).reshape(1),
+                        binned_errors(counts, conf_sums, hits)])
     if not per_sample:
         conf, correct = conf[:0], correct[:0]
     return (counts, conf_sums, hits, cw_counts, cw_sums, cw_hits, conf.contiguous(),

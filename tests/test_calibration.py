@@ -5,7 +5,7 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from calibkernels.calibration import per_sample
+from calibkernels.calibration import binned_error, per_sample
 from helpers import make_logits
 
 torch_mc = pytest.importorskip("torchmetrics.functional.classification")
@@ -273,3 +273,27 @@ def test_integer_like_n_bins_and_uint8_targets():
         torch.testing.assert_close(ck.calibration_report(x, t, n_bins)["ece"], expected)
         assert ck.CalibrationMeter(n_bins).n_bins == 15
     torch.testing.assert_close(ck.ece(x, t.to(torch.uint8)), expected)
+
+
+@pytest.mark.parametrize("from_logits", [True, False, None])
+@pytest.mark.parametrize("n_bins", [1, 15, 300])
+def test_kernel_errors_are_the_errors_of_its_state(from_logits, n_bins):
+    # calibration_error reads ECE / MCE / RMSCE the kernel computed from the state it formed
+    x, t = _data(3000, 10, dtype=torch.float32, seed=n_bins, ignore=True)
+    inp = x if from_logits is not False else x.softmax(1)
+    s = ck.calibration_bins(inp, t, n_bins, from_logits=from_logits)
+    for norm in ["l1", "max", "l2"]:
+        fused = ck.calibration_error(inp, t, n_bins, norm, from_logits)
+        assert fused.dtype == torch.float64 and fused.dim() == 0
+        torch.testing.assert_close(fused, binned_error(s.counts, s.conf_sums, s.hits, norm),
+                                   rtol=1e-12, atol=1e-15)
+
+
+def test_kernel_errors_of_empty_and_poisoned_states():
+    x, t = _data(50, 4, dtype=torch.float32, seed=1)
+    for norm in ["l1", "max", "l2"]:
+        assert torch.isnan(ck.calibration_error(x[:0], t[:0], 15, norm))
+        assert torch.isnan(ck.calibration_error(x, torch.full_like(t, -100), 15, norm))
+        poisoned = x.clone()
+        poisoned[3, 1] = float("nan")
+        assert torch.isnan(ck.calibration_error(poisoned, t, 15, norm, True))

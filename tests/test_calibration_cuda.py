@@ -124,3 +124,91 @@ def test_gpu_report_and_sweep_match_cpu(backend, dtype):
     cpu = ck.calibration_sweep(x, t, temps)
     torch.testing.assert_close(gpu["nll"].cpu(), cpu["nll"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu["ece"].cpu(), cpu["ece"], rtol=1e-3, atol=1e-4)
+
+
+# Row lengths at every edge of the CUDA rows kernel's layouts (in 16-byte chunks: 1-4, 5-8, 9-16,
+# 17-31 with 4 threads a row, then 8 chunks a thread from 4 to 512 threads, 4096 the last held in
+# registers) and beyond (streamed), aligned rows and rows whose length is not a multiple of 16 B.
+LAYOUT_CLASSES = {torch.float32: [1, 3, 4, 17, 20, 33, 64, 124, 128, 132, 1000, 4100, 16384, 16388],
+                  torch.bfloat16: [3, 8, 10, 40, 100, 129, 256, 1000, 1024, 1032, 32768, 32776],
+                  torch.float16: [7, 64, 250, 2000, 32000]}
+
+
+def _layout_case(n, c, dtype, seed):
+    """Logits with ignored and out-of-range targets, rows whose max is shared (argmax: the first),
+    a confident row, a row with -inf values; and the same rows as probabilities."""
+    x, t = _data(n, c, dtype=torch.float64, seed=seed, ignore=True)
+    x[1] = 0.25  # every class ties: the first index is the prediction
+    t[1] = 0
+    if c > 1:
+        x[2, c // 2] = 40.0  # p_y -> 1: sums that leave out the true class
+        t[2] = c // 2
+        x[4, : c // 2] = float("-inf")
+        t[4] = c - 1
+    t[3] = c + 5  # out of range: NaN on the GPU (the CPU raises), left out below
+    return x, t
+
+
+def _op_outputs(inp, t, n_bins, from_logits):
+    beta = ck.calibration.bin_boundaries(n_bins, inp.device)
+    mode = {True: 1, False: 0, None: -1}[from_logits]
+    return torch.ops.calibkernels.calibration_bins(inp, t, beta, mode, -100, False, True)
+
+
+def _state_from_samples(conf, correct, t, n_bins):
+    """The top-label state of per-sample confidences, formed on the CPU in float64."""
+    kept = t != -100
+    conf, correct = conf[kept].double().cpu(), correct[kept].cpu()
+    bins = reference._bin_of(conf, n_bins)
+    return (torch.bincount(bins, minlength=n_bins),
+            torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf),
+            torch.bincount(bins, weights=correct.double(), minlength=n_bins).long())
+
+
+@pytest.mark.parametrize("dtype", list(LAYOUT_CLASSES), ids=str)
+@pytest.mark.parametrize("from_logits", [True, False, None])
+def test_gpu_rows_layouts_match_cpu(dtype, from_logits):
+    for c in LAYOUT_CLASSES[dtype]:
+        n = 37 if c < 4000 else 9  # several rows a block, a partial last block
+        x, t = _layout_case(n, c, dtype, seed=c)
+        inp = (x if from_logits is not False else x.softmax(1)).to(dtype)
+        keep = t != c + 5
+        gpu = _op_outputs(inp.cuda(), t.cuda(), 15, from_logits)
+        cpu = _op_outputs(inp[keep], t[keep], 15, from_logits)
+        msg = f"C={c}"
+        assert torch.isnan(gpu[6][3]), msg  # the out-of-range target: NaN, never read
+        kept = t[keep] != -100
+        torch.testing.assert_close(gpu[6][keep][kept].cpu(), cpu[6][kept], rtol=2e-6, atol=1e-7,
+                                   msg=msg)
+        assert torch.equal(gpu[7][keep].cpu(), cpu[7]), msg  # the prediction, ties: the first
+        assert gpu[8][2].item() == cpu[8][2].item(), msg  # the same reading
+        # the top kernel: the state of the rows kernel's own samples, and its errors
+        good = _op_outputs(inp[keep].cuda(), t[keep].cuda(), 15, from_logits)
+        counts, sums, hits = _state_from_samples(good[6], good[7], t[keep], 15)
+        assert torch.equal(good[0].cpu(), counts) and torch.equal(good[2].cpu(), hits), msg
+        torch.testing.assert_close(good[1].cpu(), sums, rtol=1e-12, atol=1e-12, msg=msg)
+        torch.testing.assert_close(good[8][:2].cpu(), cpu[8][:2], rtol=1e-5, atol=1e-6, msg=msg)
+        torch.testing.assert_close(
+            good[8][3:].cpu(), ck.calibration.binned_errors(good[0], good[1], good[2]).cpu(),
+            rtol=1e-12, atol=1e-15, msg=msg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_bins", [1, 15, 255, 300])
+def test_gpu_top_state_over_many_blocks(backend, n_bins):
+    # 1024 rows a block of the top kernel: partial last block, the reading decided over all of
+    # them (a value outside [0, 1] in the last block only), bins over and under 256 threads
+    x, t = _data(5000, 10, dtype=torch.float32, seed=n_bins, ignore=True)
+    p = x.softmax(1)
+    for inp in [x, p]:
+        s = ck.calibration_bins(inp.cuda(), t.cuda(), n_bins, backend=backend)
+        ref = ck.calibration_bins(inp, t, n_bins)
+        assert abs(s.counts.cpu() - ref.counts).sum() <= 5 and s.counts.sum() == ref.counts.sum()
+        torch.testing.assert_close(ck.ece(inp.cuda(), t.cuda(), n_bins, backend=backend).cpu(),
+                                   ck.ece(inp, t, n_bins), rtol=1e-4, atol=1e-5)
+    p[4990, 3] = 1.5  # now logits (torchmetrics' rule), decided on the device
+    torch.testing.assert_close(ck.ece(p.cuda(), t.cuda(), n_bins, backend=backend).cpu(),
+                               ck.ece(p, t, n_bins, from_logits=True), rtol=1e-4, atol=1e-5)
+    empty = ck.calibration_bins(x[:0].cuda(), t[:0].cuda(), n_bins, backend=backend)
+    assert empty.counts.sum() == 0 and empty.brier == 0
+    assert torch.isnan(ck.ece(x[:0].cuda(), t[:0].cuda(), n_bins, backend=backend))

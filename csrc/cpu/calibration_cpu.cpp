@@ -243,7 +243,8 @@ Outputs calibration_bins_cpu(const at::Tensor& input, const at::Tensor& target,
     const State& st = probabilities ? k.probs : k.logits;
     const std::vector<acc_t>& conf = probabilities ? k.conf_p : k.conf_l;
     const at::TensorOptions acc = x.options().dtype(acc_type);
-    std::vector<double> totals{st.brier, st.nll, probabilities ? 1.0 : 0.0};
+    std::vector<double> totals{st.brier, st.nll, probabilities ? 1.0 : 0.0, 0.0, 0.0, 0.0};
+    binned_errors(st.counts.data(), st.conf_sums.data(), st.hits.data(), n_bins, &totals[3]);
     at::Tensor correct = at::empty({N}, x.options().dtype(at::kBool));
     std::copy(k.correct.begin(), k.correct.end(), correct.mutable_data_ptr<bool>());
     out = {to_tensor(st.counts, {n_bins}, i64), to_tensor(st.conf_sums, {n_bins}, f64),
@@ -253,7 +254,7 @@ Outputs calibration_bins_cpu(const at::Tensor& input, const at::Tensor& target,
            to_tensor(st.cw_hits, {classwise ? C : 0, n_bins}, i64),
            per_sample ? to_tensor(conf, {N}, acc) : at::empty({0}, acc),
            per_sample ? correct : at::empty({0}, correct.options()),
-           to_tensor(totals, {3}, f64)};
+           to_tensor(totals, {6}, f64)};
   });
   return out;
 }

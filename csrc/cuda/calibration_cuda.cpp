@@ -1,6 +1,7 @@
 // CUDA implementation of calibkernels::calibration_bins: checks, allocations, the current
-// stream, the torch-free launchers of calibration_kernels.cu, and (mode -1) the choice between
-// the two readings made on the device with at::where: no host synchronisation.
+// stream, the torch-free launchers of calibration_kernels.cu (two launches for the top-label
+// state, its totals and errors), and (mode -1) the choice between the two readings made on the
+// device: no host synchronisation.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -41,16 +42,14 @@ Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
   const at::Tensor samples = at::empty({N, kSampleColumns}, x.options().dtype(math_type(x.scalar_type())));
   const at::Tensor correct = at::empty({N}, x.options().dtype(at::kBool));
   const at::Tensor inside = at::empty({N}, x.options().dtype(at::kBool));
-  const int64_t chunks = calib_top_chunks(N);
-  const int64_t cw_chunks = classwise ? calib_classwise_chunks(N, C, n_bins) : 0;
-  const int64_t cw_rows = classwise ? C : 0;
-  at::Tensor part_counts = at::empty({chunks, n_bins}, i64),
-             part_sums = at::empty({chunks, n_bins}, f64),
-             part_hits = at::empty({chunks, n_bins}, i64),
-             part_totals = at::empty({chunks, 2}, f64);
-  at::Tensor cw_part_counts = at::empty({cw_chunks, cw_rows, n_bins}, i64),
-             cw_part_sums = at::empty({cw_chunks, cw_rows, n_bins}, f64),
-             cw_part_hits = at::empty({cw_chunks, cw_rows, n_bins}, i64);
+  // Workspace of the top kernel: (readings, blocks, n_bins) counts and hits, sums, then the
+  // (readings, blocks, 2) Brier and NLL sums; the blocks' [0, 1] flags and the ticket.
+  const int64_t blocks = calib_top_blocks(N), slots = (mode == kAuto ? 2 : 1) * blocks;
+  const at::Tensor ws_i64 = at::empty({2 * slots * n_bins}, i64);
+  const at::Tensor ws_f64 = at::empty({slots * (n_bins + 2)}, f64);
+  const at::Tensor ws_i32 = at::empty({blocks + 1}, x.options().dtype(at::kInt));
+  const at::Tensor counts = at::empty({n_bins}, i64), conf_sums = at::empty({n_bins}, f64),
+                   hits = at::empty({n_bins}, i64), totals = at::empty({kCalibTotals}, f64);
 
   CalibrationLaunch p{};
   p.dtype = to_dtype(x.scalar_type());
@@ -61,53 +60,61 @@ Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
   p.n_rows = N;
   p.n_classes = C;
   p.ignore_index = ignore_index;
+  p.mode = static_cast<int>(mode);
   p.vectorized = rows_aligned16(x);
   p.samples = samples.mutable_data_ptr();
   p.correct = correct.mutable_data_ptr<bool>();
   p.inside = inside.mutable_data_ptr<bool>();
-  p.part_counts = part_counts.mutable_data_ptr<int64_t>();
-  p.part_sums = part_sums.mutable_data_ptr<double>();
-  p.part_hits = part_hits.mutable_data_ptr<int64_t>();
-  p.part_totals = part_totals.mutable_data_ptr<double>();
-  p.cw_part_counts = classwise ? cw_part_counts.mutable_data_ptr<int64_t>() : nullptr;
-  p.cw_part_sums = classwise ? cw_part_sums.mutable_data_ptr<double>() : nullptr;
-  p.cw_part_hits = classwise ? cw_part_hits.mutable_data_ptr<int64_t>() : nullptr;
+  p.counts = counts.mutable_data_ptr<int64_t>();
+  p.conf_sums = conf_sums.mutable_data_ptr<double>();
+  p.hits = hits.mutable_data_ptr<int64_t>();
+  p.totals = totals.mutable_data_ptr<double>();
+  p.part_counts = ws_i64.mutable_data_ptr<int64_t>();
+  p.part_hits = p.part_counts + slots * n_bins;
+  p.part_sums = ws_f64.mutable_data_ptr<double>();
+  p.part_totals = p.part_sums + slots * n_bins;
+  p.part_inside = ws_i32.mutable_data_ptr<int>();
+  p.ticket = reinterpret_cast<unsigned*>(p.part_inside + blocks);
   check(launch_calibration_rows(p, stream));
+  check(launch_calibration_top(p, stream));
 
-  // One reading's outputs: counts, conf_sums, hits, cw x 3, confidence, totals (2).
-  const auto reading = [&](bool from_logits) {
-    std::vector<at::Tensor> o{at::empty({n_bins}, i64), at::empty({n_bins}, f64),
-                              at::empty({n_bins}, i64), at::zeros({cw_rows, n_bins}, i64),
-                              at::zeros({cw_rows, n_bins}, f64), at::zeros({cw_rows, n_bins}, i64),
-                              samples.select(1, from_logits ? kConfL : kConfP),
-                              at::empty({2}, f64)};
-    p.counts = o[0].mutable_data_ptr<int64_t>();
-    p.conf_sums = o[1].mutable_data_ptr<double>();
-    p.hits = o[2].mutable_data_ptr<int64_t>();
-    p.totals = o[7].mutable_data_ptr<double>();
-    check(launch_calibration_top(p, from_logits, stream));
-    if (classwise) {
-      p.cw_counts = o[3].mutable_data_ptr<int64_t>();
-      p.cw_conf_sums = o[4].mutable_data_ptr<double>();
-      p.cw_hits = o[5].mutable_data_ptr<int64_t>();
-      check(launch_calibration_classwise(p, from_logits, stream));
-    }
-    return o;
-  };
-  std::vector<at::Tensor> out;
-  at::Tensor probs;
-  if (mode == kAuto) {
-    // probabilities when every value of a kept sample lies in [0, 1], decided on the device
-    probs = inside.all();
-    const std::vector<at::Tensor> l = reading(true), pr = reading(false);
-    for (size_t j = 0; j < l.size(); ++j) out.push_back(at::where(probs, pr[j], l[j]));
-  } else {
-    out = reading(mode == kLogits);
-    probs = at::full({}, mode == kProbabilities, x.options().dtype(at::kBool));
+  // kAuto: the reading kept, as the top kernel decided it on the device (no host sync).
+  const auto probabilities = [&] { return totals.select(0, 2).gt(0.5); };
+  at::Tensor conf = at::empty({0}, samples.options());
+  if (per_sample) {
+    conf = mode == kAuto ? at::where(probabilities(), samples.select(1, kConfP),
+                                     samples.select(1, kConfL))
+                         : samples.select(1, mode == kLogits ? kConfL : kConfP).contiguous();
   }
-  const at::Tensor totals = at::cat({out[7], probs.to(at::kDouble).reshape({1})});
-  const at::Tensor conf = per_sample ? out[6].contiguous() : at::empty({0}, samples.options());
-  return {out[0], out[1], out[2], out[3], out[4], out[5], conf,
+  std::vector<at::Tensor> cw(3);
+  if (!classwise) {
+    cw = {at::empty({0, n_bins}, i64), at::empty({0, n_bins}, f64), at::empty({0, n_bins}, i64)};
+  } else {
+    const int64_t cw_chunks = calib_classwise_chunks(N, C, n_bins);
+    const at::Tensor cw_part_counts = at::empty({cw_chunks, C, n_bins}, i64),
+                     cw_part_sums = at::empty({cw_chunks, C, n_bins}, f64),
+                     cw_part_hits = at::empty({cw_chunks, C, n_bins}, i64);
+    p.cw_part_counts = cw_part_counts.mutable_data_ptr<int64_t>();
+    p.cw_part_sums = cw_part_sums.mutable_data_ptr<double>();
+    p.cw_part_hits = cw_part_hits.mutable_data_ptr<int64_t>();
+    const auto reading = [&](bool from_logits) {
+      std::vector<at::Tensor> o{at::zeros({C, n_bins}, i64), at::zeros({C, n_bins}, f64),
+                                at::zeros({C, n_bins}, i64)};
+      p.cw_counts = o[0].mutable_data_ptr<int64_t>();
+      p.cw_conf_sums = o[1].mutable_data_ptr<double>();
+      p.cw_hits = o[2].mutable_data_ptr<int64_t>();
+      check(launch_calibration_classwise(p, from_logits, stream));
+      return o;
+    };
+    if (mode == kAuto) {
+      const std::vector<at::Tensor> l = reading(true), pr = reading(false);
+      const at::Tensor probs = probabilities();
+      for (int j = 0; j < 3; ++j) cw[j] = at::where(probs, pr[j], l[j]);
+    } else {
+      cw = reading(mode == kLogits);
+    }
+  }
+  return {counts, conf_sums, hits, cw[0], cw[1], cw[2], conf,
           per_sample ? correct : at::empty({0}, correct.options()), totals};
 }
 

@@ -1,20 +1,27 @@
-// Fused calibration state on CUDA (CONTRACT §2). A warp per row reads the logits (or
-// probabilities) once: its prediction and both readings of it (softmax: confidence 1 / s, Brier,
-// NLL; probabilities: the top value, Brier, NLL), from sums that leave out the true class so that
-// nothing cancels as p_y -> 1, and whether its values lie in [0, 1]. The binned sums of a reading
-// are then formed per chunk of rows and reduced over the chunks in a fixed order: integer
-// counts, float64 sums, no float atomics, so every run gives the same bits. Never a host sync; a
-// target out of range turns its sample NaN instead of reading astray.
+// Fused calibration state on CUDA (CONTRACT §2). The rows are read once: each row's prediction
+// and both readings of it (softmax: confidence 1 / s, Brier, NLL; probabilities: the top value,
+// Brier, NLL), from sums that leave out the true class so that nothing cancels as p_y -> 1, and
+// whether its values lie in [0, 1]. Rows up to 64 KB are held in registers (row_layout.cuh:
+// several rows a warp or block, every load issued before the first use), longer ones streamed a
+// warp a row. One more launch bins the samples in chunks of rows and the last chunk to finish
+// sums the chunks in order, keeps the reading that holds and writes ECE, MCE and RMSCE: integer
+// counts, float64 sums in a fixed order, no float atomics, so every run gives the same bits.
+// Never a host sync; a target out of range turns its sample NaN instead of reading astray.
 #include <cuda_runtime.h>
+
+#include <climits>
+#include <type_traits>
 
 #include "../calibration_row.h"
 #include "calibration_launch.h"
 #include "cuda_utils.cuh"
+#include "row_layout.cuh"
 
 namespace calibkernels {
 namespace {
 
-constexpr int kRowWarps = 8;  // rows (warps) per block of the row kernels
+constexpr int kRowWarps = 8;  // rows (warps) per block of the streaming row kernels
+constexpr int kTopThreads = 256;
 
 // A lane's view of a row: max, first index of it, sums over k != y of exp(x_k - max) and its
 // square, of x_k^2, and whether a value fell outside [0, 1].
@@ -43,21 +50,167 @@ __device__ __forceinline__ RowState<A> merge(const RowState<A>& a, const RowStat
   return o;
 }
 
+// A row's finish, by one thread: its samples columns, prediction and rule flag.
+template <typename A>
+__device__ __forceinline__ void write_sample(const CalibrationLaunch& p, int64_t r, A m, A other,
+                                             A other2, A sq, bool outside, int64_t idx, A x_y) {
+  const int64_t y = p.target[r];
+  const bool kept = y != p.ignore_index;
+  const bool bad = kept && (y < 0 || y >= p.n_classes);
+  const A z_y = x_y - m;
+  const A s = other + ck_exp(z_y);
+  const A q = A(1) - x_y;
+  A* o = static_cast<A*>(p.samples) + r * kSampleColumns;
+  const bool poison_p = bad || outside;  // a value outside [0, 1]: not probabilities
+  o[kConfL] = bad ? A(NAN) : A(1) / s;
+  o[kBrierL] = bad ? A(NAN) : (other2 + other * other) / (s * s);
+  o[kNllL] = bad ? A(NAN) : (z_y == A(0) ? ck_log1p(other) : ck_log(s) - z_y);
+  o[kConfP] = poison_p ? A(NAN) : m;
+  o[kBrierP] = poison_p ? A(NAN) : sq + q * q;
+  o[kNllP] = poison_p ? A(NAN) : -ck_log(x_y);
+  o[kRowMax] = m;
+  o[kRowSum] = bad ? A(NAN) : s;
+  p.correct[r] = idx == y;
+  p.inside[r] = !kept || !outside;
+}
+
+// ---- rows up to 64 KB: the row in registers ----
+
+// A thread's sums over its part of a row: exp(x - max) and its square and x^2 over k != y, the
+// first index of the max (INT_MAX: none) and the smallest value (with the max: the [0, 1] test).
+struct RowSums {
+  float other, other2, sq;
+  int idx;
+  float lo;
+};
+
+__device__ __forceinline__ RowSums shfl_xor(const RowSums& v, int off) {
+  return {calibkernels::shfl_xor(v.other, off), calibkernels::shfl_xor(v.other2, off),
+          calibkernels::shfl_xor(v.sq, off), calibkernels::shfl_xor(v.idx, off),
+          calibkernels::shfl_xor(v.lo, off)};
+}
+
+struct MaxOf {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }  // NaN-blind
+};
+struct AddSums {
+  __device__ RowSums operator()(const RowSums& a, const RowSums& b) const {
+    return {a.other + b.other, a.other2 + b.other2, a.sq + b.sq, a.idx < b.idx ? a.idx : b.idx,
+            fminf(a.lo, b.lo)};
+  }
+};
+
+// TPR threads a row, ITEMS 16-byte chunks a thread (register_row_layout), 16- and 32-bit types:
+// all the row's loads, then its max (and min), then one pass for the sums and the first index of
+// the max: an exp2 and a few adds an element, no branch. A NaN anywhere makes the sums NaN.
+template <typename T, int TPR, int ITEMS, bool ALIGNED>
+__global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
+    calibration_rows_kernel(const CalibrationLaunch p) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int THREADS = threads_of(TPR), ROWS = THREADS / TPR;
+  using Chunk = Pack<T, VEC>;
+  __shared__ float smem_max[THREADS / 32];
+  __shared__ RowSums smem_sums[THREADS / 32];
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.ticket = 0u;  // for the top kernel, next in stream
+  const int C = static_cast<int>(p.n_classes);  // <= 4096 chunks here: 32-bit offsets
+  const int lane = threadIdx.x % TPR, group = threadIdx.x / TPR;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * ROWS; first < p.n_rows;
+       first += static_cast<int64_t>(gridDim.x) * ROWS) {
+    // Threads past the last row still join every shuffle and barrier (uniform control flow).
+    const int64_t r = first + group;
+    const bool active = r < p.n_rows;
+    const int64_t row_i = active ? r : 0;
+    const int64_t y64 = p.target[row_i];
+    const bool holds = y64 != p.ignore_index && y64 >= 0 && y64 < C;
+    const int y = holds ? static_cast<int>(y64) : 0;  // never read out of bounds
+    const T* __restrict__ row = static_cast<const T*>(p.input) + row_i * p.n_classes;
+    // Element k of chunk i is column lane VEC + i TPR VEC + k: offsets from one register, the
+    // rest immediates (no per-element index kept alive across the passes).
+    const int rem = active ? C - lane * VEC : 0;  // in the row: offset < rem
+    const int y_rel = y - lane * VEC;
+    Chunk x[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const T* at = row + lane * VEC + i * TPR * VEC;
+      if constexpr (ALIGNED) {
+        if (i * TPR * VEC < rem) x[i] = *reinterpret_cast<const Chunk*>(at);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          if (i * TPR * VEC + k < rem) x[i].v[k] = at[k];
+        }
+      }
+    }
+    const float x_y = active && lane == 0 ? to_math(row[y]) : 0.0f;
+
+    float m = -INFINITY, lo = INFINITY;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      if constexpr (ALIGNED) {
+        if (i * TPR * VEC < rem) {
+          m = fmaxf(m, chunk_max(x[i]));
+          lo = fminf(lo, chunk_min(x[i]));
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          if (i * TPR * VEC + k < rem) {
+            m = fmaxf(m, to_math(x[i].v[k]));
+            lo = fminf(lo, to_math(x[i].v[k]));
+          }
+        }
+      }
+      keep_packed(x[i]);
+    }
+    m = row_reduce<TPR>(m, smem_max, MaxOf{});
+
+    constexpr int kNone = ITEMS * VEC;
+    int at_max = kNone;  // this thread's first element equal to the max, as i VEC + k
+    RowSums st{0.0f, 0.0f, 0.0f, INT_MAX, lo};
+#pragma unroll
+    for (int i = ITEMS - 1; i >= 0; --i) {  // backwards: the first element equal to m stays
+#pragma unroll
+      for (int k = VEC - 1; k >= 0; --k) {
+        if ((ALIGNED ? i * TPR * VEC : i * TPR * VEC + k) < rem) {
+          const float v = to_math(x[i].v[k]);
+          const bool is_y = i * TPR * VEC + k == y_rel;
+          at_max = v == m ? i * VEC + k : at_max;
+          const float e = is_y ? 0.0f : exp2_ftz((v - m) * kLog2e);
+          st.other += e;
+          st.other2 += e * e;
+          st.sq += is_y ? 0.0f : v * v;
+        }
+      }
+      keep_packed(x[i]);
+    }
+    if (at_max != kNone) st.idx = lane * VEC + at_max / VEC * TPR * VEC + at_max % VEC;
+    st = row_reduce<TPR, 1>(st, smem_sums, AddSums{});
+    if (active && lane == 0) {
+      // outside [0, 1]: the min, the max, or a NaN (which the sums and x_y carry)
+      const bool outside = !(st.lo >= 0.0f && m <= 1.0f) || st.sq != st.sq || x_y != x_y;
+      write_sample(p, row_i, m, st.other, st.other2, st.sq, outside,
+                   st.idx == INT_MAX ? p.n_classes : static_cast<int64_t>(st.idx), x_y);
+    }
+  }
+}
+
+// ---- longer rows: a warp a row, streamed (online max and sums) ----
+
 template <typename T>
-__global__ void __launch_bounds__(32 * kRowWarps) calibration_rows_kernel(CalibrationLaunch p) {
+__global__ void __launch_bounds__(32 * kRowWarps)
+    calibration_rows_stream_kernel(const CalibrationLaunch p) {
   using A = typename MathType<T>::type;
   constexpr int VEC = 16 / sizeof(T);
   const T* __restrict__ input = static_cast<const T*>(p.input);
-  A* __restrict__ samples = static_cast<A*>(p.samples);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.ticket = 0u;  // for the top kernel, next in stream
   const int lane = threadIdx.x % 32;
   const int64_t C = p.n_classes;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
        r < p.n_rows; r += static_cast<int64_t>(gridDim.x) * kRowWarps) {
     const T* __restrict__ row = input + r * C;
     const int64_t y = p.target[r];
-    const bool kept = y != p.ignore_index;
-    const bool bad = kept && (y < 0 || y >= C);
-    const int64_t y_safe = kept && !bad ? y : 0;  // never read out of bounds for a bad target
+    const bool holds = y != p.ignore_index && y >= 0 && y < C;
+    const int64_t y_safe = holds ? y : 0;  // never read out of bounds for a bad target
     RowState<A> st{-INFINITY, A(0), A(0), A(0), C, false};
     for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += 32 * VEC) {
       A v[VEC];
@@ -100,66 +253,143 @@ __global__ void __launch_bounds__(32 * kRowWarps) calibration_rows_kernel(Calibr
       st = merge(st, o);
     }
     if (lane == 0) {
-      const A x_y = to_math(row[y_safe]);
-      const A z_y = x_y - st.m;
-      const A s = st.other + ck_exp(z_y);
-      const A q = A(1) - x_y;
-      A* o = samples + r * kSampleColumns;
-      const bool poison_p = bad || st.outside;  // a value outside [0, 1]: not probabilities
-      o[kConfL] = bad ? A(NAN) : A(1) / s;
-      o[kBrierL] = bad ? A(NAN) : (st.other2 + st.other * st.other) / (s * s);
-      o[kNllL] = bad ? A(NAN) : (z_y == A(0) ? ck_log1p(st.other) : ck_log(s) - z_y);
-      o[kConfP] = poison_p ? A(NAN) : st.m;
-      o[kBrierP] = poison_p ? A(NAN) : st.sq + q * q;
-      o[kNllP] = poison_p ? A(NAN) : -ck_log(x_y);
-      o[kRowMax] = st.m;
-      o[kRowSum] = bad ? A(NAN) : s;
-      p.correct[r] = st.idx == y;
-      p.inside[r] = !kept || !st.outside;
+      write_sample(p, r, st.m, st.other, st.other2, st.sq, st.outside, st.idx,
+                   to_math(row[y_safe]));
     }
   }
 }
 
-// Top-label sums of one chunk of rows under one reading: bins computed once per row into shared
-// memory, then one thread per bin adds its rows up in row order; thread 0 the Brier and NLL.
+// ---- the top-label state from the samples: one launch ----
+
+// Block (chunk, reading) bins its kCalibTopRows samples under one reading (blockIdx.y: 0 logits,
+// 1 probabilities with kAuto) into partial sums, each in a fixed order: thread (bin, segment) adds
+// its segment's rows in row order, then the segments in order; Brier and NLL per thread, then a
+// tree. The last block to finish sums the chunks in chunk order for the reading that holds and
+// writes the state, the totals and the errors.
 template <typename A>
-__global__ void calibration_top_partials_kernel(CalibrationLaunch p, int column) {
-  extern __shared__ unsigned char smem_raw[];
-  int* bins = reinterpret_cast<int*>(smem_raw);  // kCalibRowsPerChunk entries; -1: ignored
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCalibRowsPerChunk;
-  const int64_t rows =
-      p.n_rows - first < kCalibRowsPerChunk ? p.n_rows - first : kCalibRowsPerChunk;
+__global__ void __launch_bounds__(kTopThreads) calibration_top_kernel(const CalibrationLaunch p) {
+  __shared__ int bins[kCalibTopRows];  // -1: an ignored sample
+  __shared__ A conf[kCalibTopRows];
+  __shared__ bool hit[kCalibTopRows];
+  __shared__ double seg_sum[kTopThreads];
+  __shared__ int seg_count[kTopThreads], seg_hits[kTopThreads];
+  __shared__ double tree[2][kTopThreads];
+  __shared__ bool last_block;
+  const int nb = p.n_bins, t = threadIdx.x;
+  const bool from_logits = p.mode == 1 || (p.mode == -1 && blockIdx.y == 0);
+  const int column = from_logits ? kConfL : kConfP;
+  const int64_t chunks = gridDim.x, first = static_cast<int64_t>(blockIdx.x) * kCalibTopRows;
+  const int rows = static_cast<int>(
+      p.n_rows - first < kCalibTopRows ? (p.n_rows > first ? p.n_rows - first : 0)
+                                       : kCalibTopRows);
   const A* __restrict__ samples = static_cast<const A*>(p.samples);
-  for (int64_t j = threadIdx.x; j < rows; j += blockDim.x) {
+  double brier = 0.0, nll = 0.0;
+  int inside = 1;
+  for (int j = t; j < rows; j += kTopThreads) {
     const int64_t i = first + j;
-    bins[j] = p.target[i] == p.ignore_index
-                  ? -1
-                  : bin_index(samples[i * kSampleColumns + column], p.boundaries, p.n_bins);
+    const A* s = samples + i * kSampleColumns;
+    const bool kept = p.target[i] != p.ignore_index;
+    conf[j] = s[column];
+    bins[j] = kept ? bin_index(s[column], p.boundaries, nb) : -1;
+    hit[j] = p.correct[i];
+    if (kept) {
+      brier += static_cast<double>(s[column + 1]);
+      nll += static_cast<double>(s[column + 2]);
+    }
+    inside &= p.inside[i] ? 1 : 0;
   }
-  __syncthreads();
-  for (int b = threadIdx.x; b < p.n_bins; b += blockDim.x) {
-    int64_t count = 0, hit = 0;
+  tree[0][t] = brier;
+  tree[1][t] = nll;
+  inside = __syncthreads_and(inside);  // (and the barrier before the tree and the bins)
+  for (int half = kTopThreads / 2; half > 0; half /= 2) {
+    if (t < half) {
+      tree[0][t] += tree[0][t + half];
+      tree[1][t] += tree[1][t + half];
+    }
+    __syncthreads();
+  }
+  const int64_t at = static_cast<int64_t>(blockIdx.y) * chunks + blockIdx.x;
+  const int segs = nb < kTopThreads ? kTopThreads / nb : 1;
+  const int seg_len = (kCalibTopRows + segs - 1) / segs;
+  for (int slot = t; slot < nb * segs; slot += kTopThreads) {
+    const int b = slot / segs, sg = slot % segs;
+    const int end = rows < (sg + 1) * seg_len ? rows : (sg + 1) * seg_len;
+    int count = 0, hits = 0;
     double sum = 0.0;
-    for (int64_t j = 0; j < rows; ++j) {
+    for (int j = sg * seg_len; j < end; ++j) {
       if (bins[j] != b) continue;
       count += 1;
-      sum += static_cast<double>(samples[(first + j) * kSampleColumns + column]);
-      hit += p.correct[first + j] ? 1 : 0;
+      hits += hit[j] ? 1 : 0;
+      sum += static_cast<double>(conf[j]);
     }
-    const int64_t at = static_cast<int64_t>(blockIdx.x) * p.n_bins + b;
-    p.part_counts[at] = count;
-    p.part_sums[at] = sum;
-    p.part_hits[at] = hit;
+    if (segs > 1) {
+      seg_sum[slot] = sum;
+      seg_count[slot] = count;
+      seg_hits[slot] = hits;
+    } else {
+      p.part_counts[at * nb + b] = count;
+      p.part_sums[at * nb + b] = sum;
+      p.part_hits[at * nb + b] = hits;
+    }
   }
-  if (threadIdx.x == 0) {
-    double brier = 0.0, nll = 0.0;
-    for (int64_t j = 0; j < rows; ++j) {
-      if (bins[j] < 0) continue;
-      brier += static_cast<double>(samples[(first + j) * kSampleColumns + column + 1]);
-      nll += static_cast<double>(samples[(first + j) * kSampleColumns + column + 2]);
+  if (segs > 1) {
+    __syncthreads();
+    if (t < nb) {
+      int count = 0, hits = 0;
+      double sum = 0.0;
+      for (int sg = 0; sg < segs; ++sg) {
+        count += seg_count[t * segs + sg];
+        hits += seg_hits[t * segs + sg];
+        sum += seg_sum[t * segs + sg];
+      }
+      p.part_counts[at * nb + t] = count;
+      p.part_sums[at * nb + t] = sum;
+      p.part_hits[at * nb + t] = hits;
     }
-    p.part_totals[blockIdx.x * 2] = brier;
-    p.part_totals[blockIdx.x * 2 + 1] = nll;
+  }
+  if (t == 0) {
+    p.part_totals[at * 2] = tree[0][0];
+    p.part_totals[at * 2 + 1] = tree[1][0];
+    if (blockIdx.y == 0) p.part_inside[blockIdx.x] = inside;
+  }
+
+  __threadfence();  // this block's partials before its ticket
+  __syncthreads();
+  if (t == 0) last_block = atomicAdd(p.ticket, 1u) == gridDim.x * gridDim.y - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  const volatile int64_t* part_counts = p.part_counts;  // written by other blocks: not from L1
+  const volatile double* part_sums = p.part_sums;
+  const volatile int64_t* part_hits = p.part_hits;
+  const volatile double* part_totals = p.part_totals;
+  const volatile int* part_inside = p.part_inside;
+  int all_inside = 1;
+  for (int64_t c = t; c < chunks; c += kTopThreads) all_inside &= part_inside[c] != 0 ? 1 : 0;
+  all_inside = __syncthreads_and(all_inside);
+  const bool probs = p.mode == -1 ? all_inside != 0 : p.mode == 0;
+  const int64_t base = (p.mode == -1 && probs ? chunks : 0);  // the reading kept
+  for (int b = t; b < nb; b += kTopThreads) {
+    int64_t count = 0, hits = 0;
+    double sum = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      count += part_counts[(base + c) * nb + b];
+      sum += part_sums[(base + c) * nb + b];
+      hits += part_hits[(base + c) * nb + b];
+    }
+    p.counts[b] = count;
+    p.conf_sums[b] = sum;
+    p.hits[b] = hits;
+  }
+  if (t < 2) {
+    double total = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) total += part_totals[(base + c) * 2 + t];
+    p.totals[t] = total;
+  }
+  __syncthreads();  // the state, before thread 0 reads it back
+  if (t == 0) {
+    p.totals[2] = probs ? 1.0 : 0.0;
+    binned_errors(p.counts, p.conf_sums, p.hits, nb, p.totals + 3);
   }
 }
 
@@ -335,30 +565,76 @@ __global__ void calibration_sweep_partials_kernel(SweepLaunch p) {
   }
 }
 
+// The rows kernel's layout for a row of `chunks` 16-byte chunks (<= 4096): 8 chunks a thread
+// where the row has 32 or more, fewer for shorter rows, 4 threads a row at least (several rows a
+// warp): the per-row work (two reductions, the row's scalars) shared by as many elements as fit.
+RowLayout calibration_layout(int64_t chunks) {
+  if (chunks > 4096) return {};
+  const int items = chunks >= 32 ? 8 : pow2_at_least((chunks + 3) / 4);
+  const int tpr = pow2_at_least((chunks + items - 1) / items);
+  return {tpr < 4 ? 4 : tpr, items, 1};
+}
+
+// Calls f(tpr, items) as integral constants for a calibration_layout (false if l is none).
+template <typename F>
+bool with_calibration_layout(const RowLayout& l, F&& f) {
+  using std::integral_constant;
+  auto run = [&](auto tpr, auto items) {
+    f(tpr, items);
+    return true;
+  };
+  using I4 = integral_constant<int, 4>;
+  using I8 = integral_constant<int, 8>;
+  switch (l.tpr * 10 + l.items) {
+    case 4 * 10 + 1: return run(I4{}, integral_constant<int, 1>{});
+    case 4 * 10 + 2: return run(I4{}, integral_constant<int, 2>{});
+    case 4 * 10 + 4: return run(I4{}, I4{});
+    case 4 * 10 + 8: return run(I4{}, I8{});
+    case 8 * 10 + 8: return run(I8{}, I8{});
+    case 16 * 10 + 8: return run(integral_constant<int, 16>{}, I8{});
+    case 32 * 10 + 8: return run(integral_constant<int, 32>{}, I8{});
+    case 64 * 10 + 8: return run(integral_constant<int, 64>{}, I8{});
+    case 128 * 10 + 8: return run(integral_constant<int, 128>{}, I8{});
+    case 256 * 10 + 8: return run(integral_constant<int, 256>{}, I8{});
+    case 512 * 10 + 8: return run(integral_constant<int, 512>{}, I8{});
+  }
+  return false;
+}
+
 }  // namespace
 
 cudaError_t launch_calibration_rows(const CalibrationLaunch& p, cudaStream_t stream) {
-  if (p.n_rows == 0) return cudaSuccess;
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    calibration_rows_kernel<decltype(tag)><<<row_blocks(p.n_rows), 32 * kRowWarps, 0, stream>>>(p);
+    using T = decltype(tag);
+    constexpr int vec = 16 / sizeof(T);
+    bool in_registers = false;
+    if constexpr (!std::is_same_v<T, double>) {  // float64 (tests, not speed) is streamed
+      const RowLayout l = calibration_layout((p.n_classes + vec - 1) / vec);
+      in_registers = with_calibration_layout(l, [&](auto tpr, auto items) {
+        constexpr int TPR = tpr.value, ROWS = threads_of(TPR) / TPR;
+        int64_t blocks = (p.n_rows + ROWS - 1) / ROWS;
+        blocks = blocks < 1 ? 1 : (blocks > INT_MAX ? INT_MAX : blocks);
+        if (p.vectorized) {
+          calibration_rows_kernel<T, TPR, items.value, true>
+              <<<static_cast<unsigned>(blocks), threads_of(TPR), 0, stream>>>(p);
+        } else {
+          calibration_rows_kernel<T, TPR, items.value, false>
+              <<<static_cast<unsigned>(blocks), threads_of(TPR), 0, stream>>>(p);
+        }
+      });
+    }
+    if (!in_registers) {
+      calibration_rows_stream_kernel<T><<<row_blocks(p.n_rows), 32 * kRowWarps, 0, stream>>>(p);
+    }
     return cudaGetLastError();
   });
 }
 
-cudaError_t launch_calibration_top(const CalibrationLaunch& p, bool from_logits,
-                                   cudaStream_t stream) {
-  return dispatch_dtype(p.dtype, [&](auto tag) {
-    using A = typename MathType<decltype(tag)>::type;
-    const int64_t chunks = calib_top_chunks(p.n_rows);
-    calibration_top_partials_kernel<A><<<static_cast<unsigned>(chunks), 128,
-                                         kCalibRowsPerChunk * sizeof(int), stream>>>(
-        p, from_logits ? kConfL : kConfP);
-    calibration_reduce_kernel<int64_t><<<1, 128, 0, stream>>>(
-        p.part_counts, p.part_sums, p.part_hits, chunks, p.n_bins, p.counts, p.conf_sums, p.hits);
-    calibration_reduce_kernel<int64_t><<<1, 32, 0, stream>>>(
-        nullptr, p.part_totals, nullptr, chunks, 2, nullptr, p.totals, nullptr);
-    return cudaGetLastError();
-  });
+cudaError_t launch_calibration_top(const CalibrationLaunch& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(calib_top_blocks(p.n_rows)), p.mode == -1 ? 2 : 1);
+  if (p.dtype == DType::Float64) calibration_top_kernel<double><<<grid, kTopThreads, 0, stream>>>(p);
+  else calibration_top_kernel<float><<<grid, kTopThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_calibration_classwise(const CalibrationLaunch& p, bool from_logits,
@@ -389,7 +665,7 @@ cudaError_t launch_calibration_sweep(const SweepLaunch& p, cudaStream_t stream) 
     if (p.n_rows > 0) {
       calibration_sweep_rows_kernel<T><<<row_blocks(p.n_rows), 32 * kRowWarps, 0, stream>>>(p);
     }
-    const int64_t chunks = calib_top_chunks(p.n_rows);
+    const int64_t chunks = calib_chunks(p.n_rows);
     calibration_sweep_partials_kernel<A>
         <<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.n_temps)), 32, 0,
            stream>>>(p);

@@ -9,7 +9,9 @@
 
 namespace calibkernels {
 
-// Rows per block of the top-label partial sums; classwise partial sums are capped in memory.
+// Rows per block of the top-label sums (calibration_top_kernel), and per chunk of the classwise
+// and sweep partial sums; classwise partial sums are capped in memory.
+constexpr int64_t kCalibTopRows = 1024;
 constexpr int64_t kCalibRowsPerChunk = 2048;
 constexpr int64_t kCalibClasswiseMaxPartials = int64_t(1) << 22;  // chunks x C x n_bins
 constexpr int kCalibMaxClasswiseBins = 96;  // shared memory of the classwise kernel
@@ -20,12 +22,18 @@ constexpr int kCalibMaxTemperatures = 256;
 enum SampleColumn : int { kConfL, kBrierL, kNllL, kConfP, kBrierP, kNllP, kRowMax, kRowSum,
                           kSampleColumns };
 
-inline int64_t calib_top_chunks(int64_t n_rows) {
+// totals: sums of Brier and NLL, 1 if read as probabilities, then ECE, MCE, RMSCE.
+constexpr int kCalibTotals = 6;
+
+inline int64_t calib_top_blocks(int64_t n_rows) {
+  return n_rows == 0 ? 1 : (n_rows + kCalibTopRows - 1) / kCalibTopRows;
+}
+inline int64_t calib_chunks(int64_t n_rows) {
   return n_rows == 0 ? 1 : (n_rows + kCalibRowsPerChunk - 1) / kCalibRowsPerChunk;
 }
 inline int64_t calib_classwise_chunks(int64_t n_rows, int64_t n_classes, int n_bins) {
   const int64_t by_memory = kCalibClasswiseMaxPartials / (n_classes * n_bins);
-  const int64_t by_rows = calib_top_chunks(n_rows);
+  const int64_t by_rows = calib_chunks(n_rows);
   const int64_t g = by_rows < by_memory ? by_rows : by_memory;
   return g < 1 ? 1 : g;
 }
@@ -37,6 +45,7 @@ struct CalibrationLaunch {
   const float* boundaries;  // (n_bins + 1)
   int n_bins;
   int64_t n_rows, n_classes, ignore_index;
+  int mode;  // ops.h's kLogits (1), kProbabilities (0), kAuto (-1: both, one picked on the device)
   bool vectorized;
   void* samples;   // (n_rows, kSampleColumns) math type (NaN confidence: a poisoned sample)
   bool* correct;   // (n_rows)
@@ -44,24 +53,27 @@ struct CalibrationLaunch {
   int64_t* counts;  // (n_bins)
   double* conf_sums;
   int64_t* hits;
-  double* totals;  // (2): sums of Brier and NLL
+  double* totals;  // (kCalibTotals)
   int64_t* cw_counts;  // (n_classes, n_bins)
   double* cw_conf_sums;
   int64_t* cw_hits;
-  int64_t* part_counts;  // (calib_top_chunks, n_bins) workspace
+  int64_t* part_counts;  // (readings, calib_top_blocks, n_bins) workspace
   double* part_sums;
   int64_t* part_hits;
-  double* part_totals;      // (calib_top_chunks, 2) workspace
+  double* part_totals;      // (readings, calib_top_blocks, 2) workspace
+  int* part_inside;         // (calib_top_blocks) workspace: every kept value in [0, 1]
+  unsigned* ticket;         // zeroed by the rows kernel, counted by the top kernel's blocks
   int64_t* cw_part_counts;  // (calib_classwise_chunks, n_classes, n_bins) workspace
   double* cw_part_sums;
   int64_t* cw_part_hits;
 };
 
-// The rows, once: samples, correct, inside.
+// The rows, once: samples, correct, inside (and the ticket zeroed).
 cudaError_t launch_calibration_rows(const CalibrationLaunch& p, cudaStream_t stream);
-// The top-label state, Brier and NLL sums of one reading (from samples): counts ... totals.
-cudaError_t launch_calibration_top(const CalibrationLaunch& p, bool from_logits,
-                                   cudaStream_t stream);
+// From samples, in one launch: the top-label state of the reading p.mode asks for (kAuto: both
+// formed, the one that holds kept), Brier and NLL sums, which reading, ECE, MCE and RMSCE:
+// counts, conf_sums, hits, totals.
+cudaError_t launch_calibration_top(const CalibrationLaunch& p, cudaStream_t stream);
 // The classwise state of one reading (reads the input again): cw_counts, cw_conf_sums, cw_hits.
 cudaError_t launch_calibration_classwise(const CalibrationLaunch& p, bool from_logits,
                                          cudaStream_t stream);
@@ -81,10 +93,10 @@ struct SweepLaunch {
   double* conf_sums;
   int64_t* hits;
   double* nll_sums;      // (n_temps)
-  int64_t* part_counts;  // (calib_top_chunks, n_temps, n_bins) workspace
+  int64_t* part_counts;  // (calib_chunks, n_temps, n_bins) workspace
   double* part_sums;
   int64_t* part_hits;
-  double* part_nll;  // (calib_top_chunks, n_temps) workspace
+  double* part_nll;  // (calib_chunks, n_temps) workspace
 };
 
 cudaError_t launch_calibration_sweep(const SweepLaunch& p, cudaStream_t stream);

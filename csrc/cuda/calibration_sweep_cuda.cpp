@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> calibration_sweep_cud
   const int n_bins = static_cast<int>(beta.size(0) - 1);
   const at::TensorOptions i64 = x.options().dtype(at::kLong), f64 = x.options().dtype(at::kDouble);
   const at::TensorOptions acc = x.options().dtype(math_type(x.scalar_type()));
-  const int64_t chunks = calib_top_chunks(N);
+  const int64_t chunks = calib_chunks(N);
   at::Tensor conf = at::empty({N, K}, acc), nll = at::empty({N, K}, acc),
              correct = at::empty({N}, x.options().dtype(at::kBool));
   at::Tensor counts = at::empty({K, n_bins}, i64), conf_sums = at::empty({K, n_bins}, f64),

@@ -19,14 +19,12 @@
 #include <type_traits>
 
 #include "focal_loss_common.cuh"
+#include "row_layout.cuh"
 
 namespace calibkernels {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kClusterThreads = 512, kClusterItems = 8;  // one CTA of a cluster: 64 KB of a row
-
-__host__ __device__ constexpr int threads_of(int tpr) { return tpr < 256 ? 256 : tpr; }
 
 struct Max {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }  // NaN-blind, as max
@@ -35,13 +33,6 @@ struct Add2 {
   __device__ float2 operator()(float2 a, float2 b) const { return {a.x + b.x, a.y + b.y}; }
 };
 
-__device__ __forceinline__ float shfl_xor(float v, int off) {
-  return __shfl_xor_sync(0xffffffffu, v, off);
-}
-__device__ __forceinline__ float2 shfl_xor(float2 v, int off) {
-  return {__shfl_xor_sync(0xffffffffu, v.x, off), __shfl_xor_sync(0xffffffffu, v.y, off)};
-}
-
 template <typename V>
 __device__ __forceinline__ V shfl(V v, int lane) {
   if constexpr (std::is_same_v<V, float2>) {
@@ -49,25 +40,6 @@ __device__ __forceinline__ V shfl(V v, int lane) {
   } else {
     return __shfl_sync(0xffffffffu, v, lane);
   }
-}
-
-// Over the TPR threads of a row: a shuffle tree, then (TPR > 32) the row's warps in order through
-// shared memory. Every thread of the row gets the same, run-to-run identical value.
-template <int TPR, typename V, typename Op>
-__device__ __forceinline__ V row_reduce(V v, V* smem, Op op) {
-#pragma unroll
-  for (int off = (TPR < 32 ? TPR : 32) / 2; off > 0; off /= 2) v = op(v, shfl_xor(v, off));
-  if constexpr (TPR > 32) {
-    constexpr int W = TPR / 32;
-    const int warp = threadIdx.x / 32, first = warp / W * W;
-    __syncthreads();  // the slots may still be read by the previous reduction
-    if (threadIdx.x % 32 == 0) smem[warp] = v;
-    __syncthreads();
-    v = smem[first];
-#pragma unroll
-    for (int j = 1; j < W; ++j) v = op(v, smem[first + j]);
-  }
-  return v;
 }
 
 // Over the CTAs of a cluster (one row): each publishes its value in `slot`, and every CTA merges
@@ -93,35 +65,6 @@ __device__ __forceinline__ V cluster_reduce(V v, V* slot, Op op) {
 #endif
     return v;
   }
-}
-
-// 2^v, results below 2^-126 flushed to 0: for the row's sum, which is at least 1. (The gradient
-// uses expf: torch's accuracy and subnormals, for 3 more instructions an element.)
-__device__ __forceinline__ float exp2_ftz(float v) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
-  return r;
-}
-
-// The largest value of a chunk, NaN-blind like fmaxf: 16-bit types two at a time, exactly.
-__device__ __forceinline__ float chunk_max(const Pack<float, 4>& c) {
-  return fmaxf(fmaxf(c.v[0], c.v[1]), fmaxf(c.v[2], c.v[3]));
-}
-template <typename H>
-__device__ __forceinline__ float chunk_max(const Pack<H, 8>& c) {
-  using H2 = std::conditional_t<std::is_same_v<H, __half>, __half2, __nv_bfloat162>;
-  const H2* h = reinterpret_cast<const H2*>(c.v);
-  const H2 m = __hmax2(__hmax2(h[0], h[1]), __hmax2(h[2], h[3]));
-  return fmaxf(to_math(m.x), to_math(m.y));
-}
-
-// Tells the compiler the chunk changed: each pass converts it again from its packed registers
-// instead of keeping every converted float alive across the row's reductions (which spills).
-template <typename Chunk>
-__device__ __forceinline__ void keep_packed(Chunk& c) {
-  static_assert(sizeof(Chunk) == 16, "16-byte chunks");
-  unsigned* u = reinterpret_cast<unsigned*>(&c);
-  asm volatile("" : "+r"(u[0]), "+r"(u[1]), "+r"(u[2]), "+r"(u[3]));
 }
 
 __device__ __forceinline__ void cluster_sync_all() {
@@ -331,35 +274,22 @@ bool cluster_ready() {
   return state > 0;
 }
 
-int pow2_at_least(int64_t v) {
-  int r = 1;
-  while (r < v) r *= 2;
-  return r;
-}
-
-struct SparseLayout {
-  int tpr = 0, items = 0, cluster = 0;  // tpr == 0: not this path
-};
-
 // Threads a row (tpr), 16-byte chunks a thread (items) and CTAs a row (cluster) by row length.
 template <typename T>
-SparseLayout sparse_layout(const FocalLossLaunch& p) {
+RowLayout sparse_layout(const FocalLossLaunch& p) {
   if (p.probs != nullptr || p.target == nullptr || p.smoothing != 0.0 || !p.vectorized ||
       p.n_classes > INT_MAX / 2) {
     return {};
   }
   constexpr int vec = 16 / sizeof(T);
   const int64_t chunks = p.n_classes / vec;
-  if (chunks <= 32) return {pow2_at_least(chunks < 4 ? 4 : chunks), 1, 1};  // rows a warp
-  if (chunks <= 128) return {32, pow2_at_least((chunks + 31) / 32), 1};
-  if (chunks <= 1024) return {pow2_at_least((chunks + 3) / 4), 4, 1};  // rows a block
-  if (chunks <= 4096) return {pow2_at_least((chunks + 7) / 8), 8, 1};
+  if (chunks <= 4096) return register_row_layout(chunks);  // rows a warp, a block
   const int cluster = pow2_at_least((chunks + 4095) / 4096);  // a row a cluster (sm_90)
   bool ready = false;
   if (cluster == 2) ready = cluster_ready<T, 2>();
   if (cluster == 4) ready = cluster_ready<T, 4>();
   if (cluster == 8) ready = cluster_ready<T, 8>();
-  return ready ? SparseLayout{kClusterThreads, kClusterItems, cluster} : SparseLayout{};
+  return ready ? RowLayout{kClusterThreads, kClusterItems, cluster} : RowLayout{};
 }
 
 template <typename T, int TPR, int ITEMS, int CLUSTER>
@@ -372,32 +302,16 @@ unsigned sparse_grid(const FocalLossLaunch& p) {
 
 // Calls f with the kernel's template arguments for layout l (false if l is not this path).
 template <typename T, typename F>
-bool with_layout(const SparseLayout& l, F&& f) {
+bool with_layout(const RowLayout& l, F&& f) {
   using std::integral_constant;
-  auto run = [&](auto tpr, auto items, auto cluster) {
-    f(tpr, items, cluster);
-    return true;
-  };
   using I1 = integral_constant<int, 1>;
-  using I2 = integral_constant<int, 2>;
-  using I4 = integral_constant<int, 4>;
   using I8 = integral_constant<int, 8>;
   using Big = integral_constant<int, kClusterThreads>;
-  switch (l.tpr * 100 + l.items * 10 + (l.cluster > 1 ? l.cluster : 0)) {
-    case 4 * 100 + 10: return run(integral_constant<int, 4>{}, I1{}, I1{});
-    case 8 * 100 + 10: return run(integral_constant<int, 8>{}, I1{}, I1{});
-    case 16 * 100 + 10: return run(integral_constant<int, 16>{}, I1{}, I1{});
-    case 32 * 100 + 10: return run(integral_constant<int, 32>{}, I1{}, I1{});
-    case 32 * 100 + 20: return run(integral_constant<int, 32>{}, I2{}, I1{});
-    case 32 * 100 + 40: return run(integral_constant<int, 32>{}, I4{}, I1{});
-    case 64 * 100 + 40: return run(integral_constant<int, 64>{}, I4{}, I1{});
-    case 128 * 100 + 40: return run(integral_constant<int, 128>{}, I4{}, I1{});
-    case 256 * 100 + 40: return run(integral_constant<int, 256>{}, I4{}, I1{});
-    case 256 * 100 + 80: return run(integral_constant<int, 256>{}, I8{}, I1{});
-    case 512 * 100 + 80: return run(Big{}, I8{}, I1{});
-    case 512 * 100 + 82: return run(Big{}, I8{}, I2{});
-    case 512 * 100 + 84: return run(Big{}, I8{}, I4{});
-    case 512 * 100 + 88: return run(Big{}, I8{}, I8{});
+  switch (l.cluster) {
+    case 1: return with_register_layout(l, [&](auto tpr, auto items) { f(tpr, items, I1{}); });
+    case 2: return f(Big{}, I8{}, integral_constant<int, 2>{}), true;
+    case 4: return f(Big{}, I8{}, integral_constant<int, 4>{}), true;
+    case 8: return f(Big{}, I8{}, integral_constant<int, 8>{}), true;
   }
   return false;
 }
