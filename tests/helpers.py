@@ -1,6 +1,10 @@
-"""Shared test inputs and the CONTRACT §4 tolerance rule."""
+"""Shared test inputs, the CONTRACT §4 tolerance rule, and a gloo process-group harness."""
+
+import os
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -91,3 +95,19 @@ def assert_nan_logits_like_torch(fn, c, dtype, device="cpu", **kw):
     assert bad.tolist() == [False, True, True, True, True, False]
     assert torch.equal(loss.isnan(), bad), (loss, expected)
     assert grad[bad].isnan().all() and torch.isfinite(grad[~bad]).all()
+
+
+def run_gloo_ranks(fn, world, tmp_path):
+    """fn(rank, world) in `world` spawned processes joined in one gloo group: their results, in
+    rank order (each saved by its process and loaded here)."""
+    mp.spawn(_gloo_rank, args=(fn, world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+             join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+
+
+def _gloo_rank(rank, fn, world, store, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -2,14 +2,11 @@
 sees no data: every rank ends with the single-process result, and a second sync after more
 updates counts nothing twice."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import calibkernels as ck
+from helpers import run_gloo_ranks
 
 N = 5000
 # uneven contiguous shards; one rank of each world sees no data at all
@@ -29,29 +26,23 @@ def _halves(lo, hi):
     return (lo, mid), (mid, hi)
 
 
-def _rank(rank, world, store_path, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                            world_size=world)
-    try:
-        x, t = _data()
-        shard = SHARDS[world][rank], SHARDS[world][rank + 1]
-        meter = ck.CalibrationMeter(classwise=True, adaptive=True)
-        results = []
-        for lo, hi in _halves(*shard):
-            for start in range(lo, hi, 512):
-                meter.update(x[start:min(hi, start + 512)], t[start:min(hi, start + 512)])
-            results.append(meter.sync().compute())
-        results.append(meter.sync().compute())  # twice in a row: still the same
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, world):
+    x, t = _data()
+    shard = SHARDS[world][rank], SHARDS[world][rank + 1]
+    meter = ck.CalibrationMeter(classwise=True, adaptive=True)
+    results = []
+    for lo, hi in _halves(*shard):
+        for start in range(lo, hi, 512):
+            meter.update(x[start:min(hi, start + 512)], t[start:min(hi, start + 512)])
+        results.append(meter.sync().compute())
+    results.append(meter.sync().compute())  # twice in a row: still the same
+    return results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_ranks_equal_one_process(tmp_path, world):
-    mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
-             join=True)
+    ranks = run_gloo_ranks(_rank, world, tmp_path)
     x, t = _data()
     bounds = SHARDS[world]
     first = torch.cat([torch.arange(*_halves(bounds[r], bounds[r + 1])[0])
@@ -62,8 +53,7 @@ def test_gloo_ranks_equal_one_process(tmp_path, world):
         single.update(x[rows], t[rows])
         expected.append(single.compute())
     for rank in range(world):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for step, (metrics, want) in enumerate(zip(got, expected)):
+        for step, (metrics, want) in enumerate(zip(ranks[rank], expected)):
             assert metrics["n"] == want["n"], (rank, step)
             for name, value in want.items():
                 # float64 sums in another order: within rounding; AdaECE gathers every sample

@@ -3,14 +3,13 @@ targets: every rank gets the single-process loss, and its slice of the single-pr
 (float64: 1e-12)."""
 
 import itertools
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import calibkernels as ck
+from helpers import run_gloo_ranks
 
 N, V = 40, 53
 SLICES = {2: [0, 20, V], 4: [0, 7, 30, 31, V]}  # uneven; one rank of 4 holds a single class
@@ -27,34 +26,28 @@ def _data():
     return x, t
 
 
-def _rank(rank, world, store, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        x, t = _data()
-        lo, hi = SLICES[world][rank], SLICES[world][rank + 1]
-        results = []
-        for gamma, eps, reduction in CONFIGS:
-            local = x[:, lo:hi].clone().requires_grad_()
-            loss = ck.vocab_parallel_focal_loss(local, t, gamma=gamma, label_smoothing=eps,
-                                                reduction=reduction)
-            go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-            (grad,) = torch.autograd.grad(loss, local, go)
-            results.append((loss.detach(), grad))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, world):
+    x, t = _data()
+    lo, hi = SLICES[world][rank], SLICES[world][rank + 1]
+    results = []
+    for gamma, eps, reduction in CONFIGS:
+        local = x[:, lo:hi].clone().requires_grad_()
+        loss = ck.vocab_parallel_focal_loss(local, t, gamma=gamma, label_smoothing=eps,
+                                            reduction=reduction)
+        go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        (grad,) = torch.autograd.grad(loss, local, go)
+        results.append((loss.detach(), grad))
+    return results
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_gloo_ranks_equal_one_process(tmp_path, world):
-    mp.spawn(_rank, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
-             join=True)
+    ranks = run_gloo_ranks(_rank, world, tmp_path)
     x, t = _data()
     for rank in range(world):
         lo, hi = SLICES[world][rank], SLICES[world][rank + 1]
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for (gamma, eps, reduction), (loss, grad) in zip(CONFIGS, got):
+        for (gamma, eps, reduction), (loss, grad) in zip(CONFIGS, ranks[rank]):
             xr = x.clone().requires_grad_()
             expected = ck.focal_loss(xr, t, gamma=gamma, label_smoothing=eps, reduction=reduction)
             go = torch.linspace(0.5, 1.5, expected.numel(), dtype=expected.dtype)
