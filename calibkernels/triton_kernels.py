@@ -97,16 +97,67 @@ def _grad_tile(z, a, offs, mask, y, live, fill, s, log_s, gamma, S, g_y, coef,
 
 
 @triton.jit
-def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD, STATS, n_rows,
-                              n_classes, ignore_index, eps: tl.float64, N_PIECES: tl.constexpr,
-                              PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                              HAS_GRAD: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr,
+def focal_loss_divisor_kernel(TARGET, WEIGHT, DIVISOR, TICKET, n_rows, n_classes, ignore_index,
+                              PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """Before a reduced loss, one program: the mean's divisor (the sum of w_y over non-ignored
+    samples, NaN if a kept target is out of range; N for probability targets), in a fixed
+    order, and the zeroed ticket of focal_loss_forward_kernel's final sum."""
+    tl.store(TICKET, 0)
+    if PROB:
+        total = n_rows.to(tl.float64)
+    else:
+        acc = tl.zeros((BLOCK,), tl.float64)
+        for start in range(0, n_rows, BLOCK):
+            rows = start + tl.arange(0, BLOCK)
+            y = tl.load(TARGET + rows, mask=rows < n_rows, other=ignore_index).to(tl.int64)
+            kept = y != ignore_index
+            live = kept & (y >= 0) & (y < n_classes)
+            w_y = tl.full((BLOCK,), 1.0, tl.float64)
+            if HAS_WEIGHT:
+                w_y = tl.load(WEIGHT + tl.where(live, y, 0), mask=live, other=0.0).to(tl.float64)
+            acc += tl.where(live, w_y, tl.where(kept, float("nan"), 0.0))
+        total = tl.sum(acc, 0)
+    tl.store(DIVISOR, total)
+
+
+@triton.jit
+def _finish_reduced(LOSS, PARTIALS, TICKET, DIVISOR, partial, MEAN: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """This program's share of a reduced loss into PARTIALS; the last program to take the ticket
+    sums them in program order (deterministic: the same bits every run) and writes the loss in
+    its dtype (through float32 for 16-bit types, as torch's .to())."""
+    n_programs = tl.num_programs(0)
+    tl.store(PARTIALS + tl.program_id(0), partial)
+    tl.debug_barrier()  # the store before the ticket's release
+    done = tl.atomic_add(TICKET, 1, sem="acq_rel")
+    if done == n_programs - 1:
+        acc = tl.zeros((BLOCK,), tl.float64)
+        for start in range(0, n_programs, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(PARTIALS + offs, mask=offs < n_programs, other=0.0, cache_modifier=".cg")
+        total = tl.sum(acc, 0)
+        if MEAN:
+            total = total / tl.load(DIVISOR)
+        if LOSS.dtype.element_ty != tl.float64:
+            total = total.to(tl.float32)
+        tl.store(LOSS, total.to(LOSS.dtype.element_ty))
+
+
+@triton.jit
+def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS, PARTIALS, TICKET, GRAD,
+                              STATS, n_rows, n_classes, ignore_index, eps: tl.float64,
+                              N_PIECES: tl.constexpr, PROB: tl.constexpr,
+                              HAS_WEIGHT: tl.constexpr, HAS_GRAD: tl.constexpr,
+                              DENSE: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr,
                               MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                              SINGLE: tl.constexpr, ROW_ALIGN: tl.constexpr):
+                              SINGLE: tl.constexpr, ROW_ALIGN: tl.constexpr,
+                              REDUCE_BLOCK: tl.constexpr):
     """ROWS rows per program. SINGLE (BLOCK_C >= C): each row is read once into registers and
     its gradient written from them; otherwise the row streams in BLOCK_C pieces, read again for
     the gradient (from L2 while the rows in flight fit in it). ROW_ALIGN: a power of two that
-    divides C, so that rows of C = 1000 load in 16 bytes (the runtime only marks C % 16 == 0)."""
+    divides C, so that rows of C = 1000 load in 16 bytes (the runtime only marks C % 16 == 0).
+    LOSS: the per-row losses in the loss's dtype, or (REDUCE) the sum / mean, finished by the
+    last program (DIVISOR and the zeroed TICKET from focal_loss_divisor_kernel)."""
     math_t = MATH_T  # float32, or float64 for float64 logits
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     in_rows = rows < n_rows
@@ -225,7 +276,8 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD
     poisoned = m == float("inf")  # as torch: x - max is inf - inf
     loss_out = tl.where(live, -loss, 0.0)
     loss_out = tl.where(bad | (live & poisoned), float("nan"), loss_out)  # ignored: 0
-    tl.store(LOSS_ROWS + rows, loss_out.to(LOSS_ROWS.dtype.element_ty), mask=in_rows)
+    if not REDUCE:
+        tl.store(LOSS + rows, loss_out.to(LOSS.dtype.element_ty), mask=in_rows)
 
     # Pass 3: the gradient, written once; the true class formed in the math precision.
     if HAS_GRAD:
@@ -257,6 +309,9 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD
             _grad_rows(X, TARGET, WEIGHT, GRAD, base, in_rows, n_classes, y, live, fill, m, s,
                        log_s, gamma, S, g_y, scale, c1, b, DENSE, PROB, HAS_WEIGHT, math_t,
                        BLOCK_C)
+    if REDUCE:  # last: no tile of the row is live across it
+        _finish_reduced(LOSS, PARTIALS, TICKET, DIVISOR, tl.sum(loss_out.to(tl.float64), 0),
+                        MEAN, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -284,19 +339,20 @@ def _grad_rows(X, TARGET, WEIGHT, GRAD, base, in_rows, n_classes, y, live, fill,
 
 @triton.jit
 def focal_loss_backward_kernel(X, TARGET, WEIGHT, STATS, GRAD_OUTPUT, GRAD, n_rows, n_classes,
-                               ignore_index, eps: tl.float64, GO_PER_ROW: tl.constexpr,
+                               ignore_index, go_stride, eps: tl.float64, GO_PER_ROW: tl.constexpr,
                                SKIP_ONE: tl.constexpr, PROB: tl.constexpr,
                                HAS_WEIGHT: tl.constexpr, DENSE: tl.constexpr,
                                MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
                                ROW_ALIGN: tl.constexpr):
     """The gradient phase from the forward's RowStats, ROWS rows per program. SKIP_ONE: GRAD
     holds the forward's gradient, which is the answer where grad_output is 1: those rows are not
-    touched, and a program with no other row exits at once (read on the device: no host sync)."""
+    touched, and a program with no other row exits at once (read on the device: no host sync).
+    GRAD_OUTPUT is read in its own dtype and stride (an expanded one too): no copy before."""
     math_t = MATH_T
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     in_rows = rows < n_rows
     if GO_PER_ROW:
-        go = tl.load(GRAD_OUTPUT + rows, mask=in_rows, other=1.0).to(math_t)
+        go = tl.load(GRAD_OUTPUT + rows * go_stride, mask=in_rows, other=1.0).to(math_t)
         if SKIP_ONE:
             in_rows = in_rows & (go != 1.0)
             if tl.max(in_rows.to(tl.int32), 0) == 0:
@@ -353,12 +409,15 @@ CONF_L, BRIER_L, NLL_L, CONF_P, BRIER_P, NLL_P, ROW_MAX, ROW_SUM, N_SAMPLE_COLS 
 
 
 @triton.jit
-def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, n_rows, n_classes, ignore_index,
-                            MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                            ROW_ALIGN: tl.constexpr):
+def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, TICKET, n_rows, n_classes,
+                            ignore_index, MATH_T: tl.constexpr, ROWS: tl.constexpr,
+                            BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """ROWS rows: each one's prediction (torch.argmax's lowest index on ties), both readings of
     it (csrc/cpu/calibration_cpu.cpp's softmax_sample and probability_sample: sums that leave out
-    the true class, so that nothing cancels as p_y -> 1), and whether its values lie in [0, 1]."""
+    the true class, so that nothing cancels as p_y -> 1), and whether its values lie in [0, 1].
+    Program 0 zeroes calibration_top_kernel's ticket (the next launch on the stream)."""
+    if tl.program_id(0) == 0:
+        tl.store(TICKET, 0)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     in_rows = rows < n_rows
     n_classes = (n_classes // ROW_ALIGN) * ROW_ALIGN  # the same C, now known to be aligned
@@ -413,30 +472,118 @@ def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, n_rows, n_class
 
 
 @triton.jit
-def calibration_top_partials_kernel(SAMPLES, CORRECT, TARGET, BETA, PART_COUNTS, PART_SUMS,
-                                    PART_HITS, PART_TOTALS, n_rows, ignore_index,
-                                    READING: tl.constexpr, N_BINS: tl.constexpr,
-                                    NB: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The top-label bins, Brier and NLL sums of one chunk of rows under one reading (READING: the
-    first of its SAMPLES columns), in float64; the chunks are summed in order afterwards."""
-    chunk = tl.program_id(0).to(tl.int64)
-    rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask = rows < n_rows
-    keep = mask & (tl.load(TARGET + rows, mask=mask, other=ignore_index) != ignore_index)
-    c = tl.load(SAMPLES + rows * 8 + READING, mask=mask, other=0.0)
-    hit = tl.load(CORRECT + rows, mask=mask, other=0).to(tl.int64)
+def _top_partials(SAMPLES, BETA, PART_COUNTS, PART_SUMS, PART_HITS, PART_TOTALS, rows, mask, keep,
+                  hit, part, column, N_BINS: tl.constexpr, NB: tl.constexpr):
+    """The top-label bins, Brier and NLL sums of one chunk of rows under the reading whose first
+    SAMPLES column is `column`, in float64, into partial `part`."""
+    c = tl.load(SAMPLES + rows * 8 + column, mask=mask, other=0.0)
     b = bin_index(c, BETA, N_BINS)
-    onehot = keep[:, None] & (b[:, None] == tl.arange(0, NB)[None, :])
     bins = tl.arange(0, NB)
-    out = chunk * N_BINS + bins
+    onehot = keep[:, None] & (b[:, None] == bins[None, :])
+    out = part * N_BINS + bins
     tl.store(PART_COUNTS + out, tl.sum(onehot.to(tl.int64), 0), mask=bins < N_BINS)
     tl.store(PART_SUMS + out, tl.sum(tl.where(onehot, c.to(tl.float64)[:, None], 0.0), 0),
              mask=bins < N_BINS)
     tl.store(PART_HITS + out, tl.sum(tl.where(onehot, hit[:, None], 0), 0), mask=bins < N_BINS)
-    brier = tl.load(SAMPLES + rows * 8 + READING + 1, mask=keep, other=0.0).to(tl.float64)
-    nll = tl.load(SAMPLES + rows * 8 + READING + 2, mask=keep, other=0.0).to(tl.float64)
-    tl.store(PART_TOTALS + chunk * 2, tl.sum(tl.where(keep, brier, 0.0), 0))
-    tl.store(PART_TOTALS + chunk * 2 + 1, tl.sum(tl.where(keep, nll, 0.0), 0))
+    brier = tl.load(SAMPLES + rows * 8 + column + 1, mask=keep, other=0.0).to(tl.float64)
+    nll = tl.load(SAMPLES + rows * 8 + column + 2, mask=keep, other=0.0).to(tl.float64)
+    tl.store(PART_TOTALS + part * 2, tl.sum(tl.where(keep, brier, 0.0), 0))
+    tl.store(PART_TOTALS + part * 2 + 1, tl.sum(tl.where(keep, nll, 0.0), 0))
+
+
+@triton.jit
+def _sum_partials(PART_COUNTS, PART_SUMS, PART_HITS, PART_TOTALS, n_chunks, r,
+                  READINGS: tl.constexpr, N_BINS: tl.constexpr, NB: tl.constexpr,
+                  BLOCK_CH: tl.constexpr):
+    """Reading r's state summed over the chunks in a fixed order (the same bits every run)."""
+    bins = tl.arange(0, NB)
+    counts = tl.zeros((BLOCK_CH, NB), tl.int64)
+    sums = tl.zeros((BLOCK_CH, NB), tl.float64)
+    hits = tl.zeros((BLOCK_CH, NB), tl.int64)
+    brier = tl.zeros((BLOCK_CH,), tl.float64)
+    nll = tl.zeros((BLOCK_CH,), tl.float64)
+    for start in range(0, n_chunks, BLOCK_CH):
+        part = (start + tl.arange(0, BLOCK_CH)) * READINGS + r
+        live = start + tl.arange(0, BLOCK_CH) < n_chunks
+        tile = live[:, None] & (bins < N_BINS)[None, :]
+        at = part[:, None] * N_BINS + bins[None, :]
+        # .cg: other programs' partials, from L2 (their release, our acquire: the ticket)
+        counts += tl.load(PART_COUNTS + at, mask=tile, other=0, cache_modifier=".cg")
+        sums += tl.load(PART_SUMS + at, mask=tile, other=0.0, cache_modifier=".cg")
+        hits += tl.load(PART_HITS + at, mask=tile, other=0, cache_modifier=".cg")
+        brier += tl.load(PART_TOTALS + part * 2, mask=live, other=0.0, cache_modifier=".cg")
+        nll += tl.load(PART_TOTALS + part * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
+    return (tl.sum(counts, 0), tl.sum(sums, 0), tl.sum(hits, 0), tl.sum(brier, 0),
+            tl.sum(nll, 0))
+
+
+@triton.jit
+def calibration_top_kernel(SAMPLES, CORRECT, TARGET, INSIDE, BETA, PART_COUNTS, PART_SUMS,
+                           PART_HITS, PART_TOTALS, PART_INSIDE, TICKET, COUNTS, CONF_SUMS, HITS,
+                           TOTALS, n_rows, ignore_index, FIRST: tl.constexpr,
+                           READINGS: tl.constexpr, N_BINS: tl.constexpr, NB: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_CH: tl.constexpr):
+    """The top-label state in one launch: each program bins a chunk of rows under each reading
+    (FIRST: the first reading's SAMPLES column; READINGS 2: softmax then probabilities, for
+    mode -1), then the last program to take the ticket (zeroed by calibration_rows_kernel) sums
+    the chunks in order, keeps the reading that holds (probabilities when every chunk's kept
+    values lie in [0, 1]) and writes counts, sums, hits and TOTALS: Brier, NLL, the reading
+    (1: probabilities), ECE, MCE, RMSCE (csrc/calibration_row.h's binned_errors)."""
+    chunk = tl.program_id(0)
+    rows = chunk.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < n_rows
+    keep = mask & (tl.load(TARGET + rows, mask=mask, other=ignore_index) != ignore_index)
+    hit = tl.load(CORRECT + rows, mask=mask, other=0).to(tl.int64)
+    for r in tl.static_range(READINGS):
+        _top_partials(SAMPLES, BETA, PART_COUNTS, PART_SUMS, PART_HITS, PART_TOTALS, rows, mask,
+                      keep, hit, chunk * READINGS + r, FIRST + 3 * r, N_BINS, NB)
+    if READINGS == 2:
+        inside = tl.load(INSIDE + rows, mask=mask, other=1).to(tl.int32)
+        tl.store(PART_INSIDE + chunk, tl.min(inside, 0))
+    tl.debug_barrier()  # the partials before the ticket's release
+    n_chunks = tl.num_programs(0)
+    if tl.atomic_add(TICKET, 1, sem="acq_rel") == n_chunks - 1:
+        counts, sums, hits, brier, nll = _sum_partials(
+            PART_COUNTS, PART_SUMS, PART_HITS, PART_TOTALS, n_chunks, 0, READINGS, N_BINS, NB,
+            BLOCK_CH)
+        probs = tl.full((), FIRST == 3, tl.int1)  # CONF_P: one reading, the probabilities
+        if READINGS == 2:
+            counts_p, sums_p, hits_p, brier_p, nll_p = _sum_partials(
+                PART_COUNTS, PART_SUMS, PART_HITS, PART_TOTALS, n_chunks, 1, READINGS, N_BINS,
+                NB, BLOCK_CH)
+            all_in = tl.full((BLOCK_CH,), 1, tl.int32)
+            for start in range(0, n_chunks, BLOCK_CH):
+                at = start + tl.arange(0, BLOCK_CH)
+                all_in = tl.minimum(all_in, tl.load(PART_INSIDE + at, mask=at < n_chunks,
+                                                    other=1, cache_modifier=".cg"))
+            probs = tl.min(all_in, 0) == 1
+            counts = tl.where(probs, counts_p, counts)
+            sums = tl.where(probs, sums_p, sums)
+            hits = tl.where(probs, hits_p, hits)
+            brier = tl.where(probs, brier_p, brier)
+            nll = tl.where(probs, nll_p, nll)
+        bins = tl.arange(0, NB)
+        tl.store(COUNTS + bins, counts, mask=bins < N_BINS)
+        tl.store(CONF_SUMS + bins, sums, mask=bins < N_BINS)
+        tl.store(HITS + bins, hits, mask=bins < N_BINS)
+        # binned_errors: ECE, MCE (NaN if a gap is NaN, as torch's amax) and RMSCE; NaN if empty
+        n = tl.sum(counts, 0).to(tl.float64)
+        nonempty = counts > 0
+        c = tl.where(nonempty, counts, 1).to(tl.float64)
+        gap = tl.abs(hits.to(tl.float64) / c - sums / c)
+        w = tl.where(nonempty, counts.to(tl.float64) / n, 0.0)
+        l1 = tl.sum(tl.where(nonempty, w * gap, 0.0), 0)
+        l2 = tl.sum(tl.where(nonempty, w * (gap * gap), 0.0), 0)
+        nan_gap = tl.sum((nonempty & (gap != gap)).to(tl.int32), 0) > 0
+        mx = tl.max(tl.where(nonempty & (gap == gap), gap, float("-inf")), 0)
+        mx = tl.where(nan_gap, float("nan"), mx)
+        empty = n == 0.0
+        tl.store(TOTALS + 0, brier)
+        tl.store(TOTALS + 1, nll)
+        tl.store(TOTALS + 2, probs.to(tl.float64))
+        tl.store(TOTALS + 3, tl.where(empty, float("nan"), l1))
+        tl.store(TOTALS + 4, tl.where(empty, float("nan"), mx))
+        tl.store(TOTALS + 5, tl.where(empty, float("nan"), tl.sqrt(l2)))
 
 
 @triton.jit

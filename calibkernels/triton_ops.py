@@ -10,9 +10,11 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import triton_kernels as tk
-from .calibration import binned_errors
+from .calibration import NORMS
 from .ops import KERNEL_FLOATS, ROW_STATS, _acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -55,6 +57,27 @@ def _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smo
     return prob
 
 
+# The device copies of CPU gamma tables (schedule.gamma_table's are cached, long-lived tensors),
+# by table and device, with the table's version: a fixed gamma costs no host-to-device copy after
+# the first call, and a table changed in place is copied again.
+_DEVICE_TABLES = WeakIdKeyDictionary()
+
+
+def _table_on(gamma, device):
+    """The gamma table on `device`, where the kernels read it (asynchronous: no host sync)."""
+    if gamma.device == device:
+        return gamma
+    if type(gamma) is not torch.Tensor or _get_current_dispatch_mode() is not None or \
+            torch.compiler.is_compiling():
+        return gamma.to(device, non_blocking=True)  # traced: a graph op, never a cached tensor
+    copies = _DEVICE_TABLES.setdefault(gamma, {})
+    version, copy = copies.get(device, (None, None))
+    if version != gamma._version:
+        copy = gamma.to(device, non_blocking=True)
+        copies[device] = gamma._version, copy
+    return copy
+
+
 def _prepare(input, target, weight, prob):
     """Contiguous operands as the kernels read them: probability targets in the input's dtype or
     the math type, weights in the math type."""
@@ -79,6 +102,7 @@ MAX_WARPS = {("sparse", 2): 16, ("sparse", 4): 16, ("sparse", 8): 8, ("dense", 2
              ("dense", 4): 8, ("dense", 8): 8}
 STREAM_BLOCK = {2: 8192, 4: 4096, 8: 2048}
 MAX_ROWS = 32  # rows per program when several short rows share one
+REDUCE_BLOCK = 4096  # targets / partials a step (all loads in flight) when divisor and loss are summed
 
 
 def _row_align(c):
@@ -122,40 +146,41 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
     prob = _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smoothing,
                                   reduction)
     x, t, w = _prepare(input, target, weight, prob)
-    table = gamma.to(x.device, non_blocking=True)  # asynchronous: no host synchronisation
+    table = _table_on(gamma, x.device)
     n, c = x.shape
     acc = _acc_dtype(x.dtype)
-    # The mean's divisor, on the device (no host sync): NaN if a target is out of range.
-    if prob:
-        divisor = torch.full((), float(n), dtype=torch.float64, device=x.device)
-    else:
-        kept = t != ignore_index
-        w_y = w[t.clamp(0, c - 1)].double() if w is not None else \
-            torch.ones(n, dtype=torch.float64, device=x.device)
-        w_y = torch.where(kept & ((t < 0) | (t >= c)), float("nan"),
-                          torch.where(kept, w_y, 0.0))
-        divisor = w_y.sum()
-    loss_rows = torch.empty(n, dtype=acc, device=x.device)
+    dev = x.device
+    reduced = reduction != "none"
+    out_dtype = dtype if dtype is not None else x.dtype
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad \
         else x.new_empty((0,))
-    stats = torch.empty((n if compute_grad else 0, ROW_STATS), dtype=acc, device=x.device)
-    if n > 0:
-        dense = prob or label_smoothing > 0
-        rows, block, single, warps = focal_layout(n, c, x.dtype, dense)
-        wrap_triton(tk.focal_loss_forward_kernel)[(triton.cdiv(n, rows),)](
-            x, t, w if w is not None else loss_rows, table, divisor, loss_rows,
-            grad if compute_grad else loss_rows, stats if compute_grad else loss_rows, n, c,
-            ignore_index, float(label_smoothing), N_PIECES=(table.numel() - 1) // 2,
-            PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, DENSE=dense,
-            MEAN=reduction == "mean", MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
-            SINGLE=single, ROW_ALIGN=_row_align(c), num_warps=warps)
-    out_dtype = dtype if dtype is not None else x.dtype
-    if reduction == "none":
-        return loss_rows.to(out_dtype), grad, stats
-    total = loss_rows.sum(dtype=torch.float64)
-    if reduction == "mean":
-        total = total / divisor
-    return total.to(out_dtype), grad, stats
+    stats = torch.empty((n if compute_grad else 0, ROW_STATS), dtype=acc, device=dev)
+    if n == 0:  # as F.cross_entropy: the mean of nothing is NaN, the sum 0
+        return (torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=out_dtype,
+                           device=dev) if reduced else x.new_empty((0,), dtype=out_dtype),
+                grad, stats)
+    # One launch for reduction="none", two otherwise: the divisor (and zeroed ticket), then the
+    # rows, whose last program sums the programs' partials (CONTRACT §1: no host op between).
+    dense = prob or label_smoothing > 0
+    rows, block, single, warps = focal_layout(n, c, x.dtype, dense)
+    programs = triton.cdiv(n, rows)
+    loss = torch.empty(() if reduced else (n,), dtype=out_dtype, device=dev)
+    divisor = partials = ticket = loss  # unused without a reduction
+    if reduced:
+        divisor = torch.empty((), dtype=torch.float64, device=dev)
+        partials = torch.empty(programs, dtype=torch.float64, device=dev)
+        ticket = torch.empty((), dtype=torch.int32, device=dev)
+        wrap_triton(tk.focal_loss_divisor_kernel)[(1,)](
+            t, w if w is not None else divisor, divisor, ticket, n, c, ignore_index, PROB=prob,
+            HAS_WEIGHT=w is not None, BLOCK=REDUCE_BLOCK, num_warps=8)
+    wrap_triton(tk.focal_loss_forward_kernel)[(programs,)](
+        x, t, w if w is not None else loss, table, divisor, loss, partials, ticket,
+        grad if compute_grad else loss, stats if compute_grad else loss, n, c, ignore_index,
+        float(label_smoothing), N_PIECES=(table.numel() - 1) // 2, PROB=prob,
+        HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, DENSE=dense, REDUCE=reduced,
+        MEAN=reduction == "mean", MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block, SINGLE=single,
+        ROW_ALIGN=_row_align(c), REDUCE_BLOCK=REDUCE_BLOCK, num_warps=warps)
+    return loss, grad, stats
 
 
 def _launch_backward(out, grad_output, input, target, weight, gamma, stats, ignore_index,
@@ -164,15 +189,20 @@ def _launch_backward(out, grad_output, input, target, weight, gamma, stats, igno
                                   reduction)
     x, t, w = _prepare(input, target, weight, prob)  # the gradient phase needs no gamma table
     n, c = x.shape
+    per_row = reduction == "none"
+    if grad_output.numel() != (n if per_row else 1) or grad_output.device != x.device:
+        raise ValueError(f"focal_loss_backward: grad_output must have {n if per_row else 1} "
+                         f"values on {x.device}, got shape {tuple(grad_output.shape)} on "
+                         f"{grad_output.device}")
     if n == 0:
         return
-    go = grad_output.reshape(-1).to(stats.dtype).contiguous()
+    go = grad_output.reshape(-1)  # read in its dtype and stride by the kernel: no copy
     dense = prob or label_smoothing > 0
     rows, block, _, warps = focal_layout(n, c, x.dtype, dense)
     wrap_triton(tk.focal_loss_backward_kernel)[(triton.cdiv(n, rows),)](
         x, t, w if w is not None else stats, stats.contiguous(), go, out, n, c, ignore_index,
-        float(label_smoothing), GO_PER_ROW=reduction == "none", SKIP_ONE=skip_one, PROB=prob,
-        HAS_WEIGHT=w is not None, DENSE=dense, MATH_T=_math_t(stats.dtype), ROWS=rows,
+        go.stride(0), float(label_smoothing), GO_PER_ROW=per_row, SKIP_ONE=skip_one,
+        PROB=prob, HAS_WEIGHT=w is not None, DENSE=dense, MATH_T=_math_t(stats.dtype), ROWS=rows,
         BLOCK_C=block, ROW_ALIGN=_row_align(c), num_warps=warps)
 
 
@@ -219,25 +249,6 @@ def _check_calibration_args(input, target, boundaries):
         raise ValueError("calibration: boundaries must be float32 of shape (n_bins + 1)")
 
 
-def _top_label(samples, correct, t, beta, reading, ignore_index):
-    """The top-label state, Brier and NLL sums of one reading: per-chunk partials summed in
-    chunk order (no atomics: the same bits every run)."""
-    n, n_bins = t.numel(), beta.numel() - 1
-    nb = triton.next_power_of_2(n_bins)
-    block_r = max(16, min(1024, 8192 // nb))
-    chunks = max(1, triton.cdiv(n, block_r))
-    dev = samples.device
-    part = (torch.zeros(chunks, n_bins, dtype=torch.int64, device=dev),
-            torch.zeros(chunks, n_bins, dtype=torch.float64, device=dev),
-            torch.zeros(chunks, n_bins, dtype=torch.int64, device=dev),
-            torch.zeros(chunks, 2, dtype=torch.float64, device=dev))
-    if n > 0:
-        wrap_triton(tk.calibration_top_partials_kernel)[(chunks,)](
-            samples, correct, t, beta, *part, n, ignore_index, READING=reading, N_BINS=n_bins,
-            NB=nb, BLOCK_R=block_r)
-    return tuple(q.sum(0) for q in part)
-
-
 def _classwise(x, t, samples, beta, from_logits, ignore_index):
     n, c = x.shape
     n_bins = beta.numel() - 1
@@ -278,34 +289,47 @@ def calibration_bins_triton(
     samples = torch.empty(n, tk.N_SAMPLE_COLS, dtype=acc, device=dev)
     correct = torch.empty(n, dtype=torch.bool, device=dev)
     inside = torch.empty(n, dtype=torch.bool, device=dev)
-    if n > 0:
-        rows, block, warps = calibration_layout(n, c, x.dtype)
-        wrap_triton(tk.calibration_rows_kernel)[(triton.cdiv(n, rows),)](
-            x, t, samples, correct, inside, n, c, ignore_index, MATH_T=_math_t(acc), ROWS=rows,
-            BLOCK_C=block, ROW_ALIGN=_row_align(c), num_warps=warps)
-    # probabilities when every value of a kept sample lies in [0, 1] (decided on the device)
-    probs = inside.all() if mode == -1 else torch.tensor(mode == 0, device=dev)
-    readings = {1: [True], 0: [False], -1: [True, False]}[mode]
-    results = []
-    for from_logits in readings:
-        top = _top_label(samples, correct, t, beta, tk.CONF_L if from_logits else tk.CONF_P,
-                         ignore_index)
-        cw_rows = c if classwise else 0
-        cw = _classwise(x, t, samples, beta, from_logits, ignore_index) if classwise else (
-            torch.zeros(cw_rows, n_bins, dtype=torch.int64, device=dev),
-            torch.zeros(cw_rows, n_bins, dtype=torch.float64, device=dev),
-            torch.zeros(cw_rows, n_bins, dtype=torch.int64, device=dev))
-        conf = samples[:, tk.CONF_L if from_logits else tk.CONF_P]
-        results.append((*top[:3], *cw, conf, top[3]))
-    pick = results[0] if len(results) == 1 else [
-        torch.where(probs, p, l) for l, p in zip(results[0], results[1])]
-    counts, conf_sums, hits, cw_counts, cw_sums, cw_hits, conf, totals = pick
-    totals = torch.cat([totals, probs.to(torch.float64).reshape(1),
-                        binned_errors(counts, conf_sums, hits)])
+    ticket = torch.empty((), dtype=torch.int32, device=dev)
+    rows, block, warps = calibration_layout(n, c, x.dtype)
+    wrap_triton(tk.calibration_rows_kernel)[(max(1, triton.cdiv(n, rows)),)](  # zeroes the ticket
+        x, t, samples, correct, inside, ticket, n, c, ignore_index, MATH_T=_math_t(acc),
+        ROWS=rows, BLOCK_C=block, ROW_ALIGN=_row_align(c), num_warps=warps)
+    # The top-label state, Brier, NLL, the reading and the errors: one launch (mode -1 forms both
+    # readings and keeps one on the device: no host synchronisation).
+    readings = 2 if mode == -1 else 1
+    nb = triton.next_power_of_2(n_bins)
+    block_r = max(16, min(1024, 8192 // nb))
+    chunks = max(1, triton.cdiv(n, block_r))
+    part = (torch.empty(chunks * readings, n_bins, dtype=torch.int64, device=dev),
+            torch.empty(chunks * readings, n_bins, dtype=torch.float64, device=dev),
+            torch.empty(chunks * readings, n_bins, dtype=torch.int64, device=dev),
+            torch.empty(chunks * readings, 2, dtype=torch.float64, device=dev),
+            torch.empty(chunks if readings == 2 else 0, dtype=torch.int32, device=dev))
+    counts = torch.empty(n_bins, dtype=torch.int64, device=dev)
+    conf_sums = torch.empty(n_bins, dtype=torch.float64, device=dev)
+    hits = torch.empty(n_bins, dtype=torch.int64, device=dev)
+    totals = torch.empty(3 + len(NORMS), dtype=torch.float64, device=dev)
+    wrap_triton(tk.calibration_top_kernel)[(chunks,)](
+        samples, correct, t, inside, beta, *part, ticket, counts, conf_sums, hits, totals, n,
+        ignore_index, FIRST=tk.CONF_P if mode == 0 else tk.CONF_L, READINGS=readings,
+        N_BINS=n_bins, NB=nb, BLOCK_R=block_r, BLOCK_CH=max(1, 1024 // nb))
+    cw_rows = c if classwise else 0
+    cw = [(torch.zeros(cw_rows, n_bins, dtype=torch.int64, device=dev),
+           torch.zeros(cw_rows, n_bins, dtype=torch.float64, device=dev),
+           torch.zeros(cw_rows, n_bins, dtype=torch.int64, device=dev))]
+    conf = [samples[:0, tk.CONF_L]]
+    from_logits = {1: [True], 0: [False], -1: [True, False]}[mode]
+    if classwise:
+        cw = [_classwise(x, t, samples, beta, f, ignore_index) for f in from_logits]
+    if per_sample:
+        conf = [samples[:, tk.CONF_L if f else tk.CONF_P] for f in from_logits]
+    if mode == -1 and (classwise or per_sample):
+        probs = totals[2] > 0.5  # the reading the top kernel kept, on the device
+        cw = [tuple(torch.where(probs, p, l) for l, p in zip(*cw))] if classwise else cw
+        conf = [torch.where(probs, conf[1], conf[0])] if per_sample else conf
     if not per_sample:
-        conf, correct = conf[:0], correct[:0]
-    return (counts, conf_sums, hits, cw_counts, cw_sums, cw_hits, conf.contiguous(),
-            correct.clone(), totals)
+        correct = correct[:0]
+    return (counts, conf_sums, hits, *cw[0], conf[0].contiguous(), correct.clone(), totals)
 
 
 @triton_op("calibkernels::calibration_sweep_triton", mutates_args=())

@@ -115,6 +115,27 @@ FocalLossOptions check_focal_loss_args(const at::Tensor& input, const at::Tensor
   return o;
 }
 
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                         const at::Tensor& stats, Reduction reduction, const at::Tensor* grad) {
+  const int64_t N = input.size(0);
+  const auto acc_type = math_type(input.scalar_type());
+  TORCH_CHECK_VALUE(stats.scalar_type() == acc_type && stats.dim() == 2 && stats.size(0) == N &&
+                        stats.size(1) == kRowStats && stats.device() == input.device(),
+                    "focal_loss_backward: stats must be the forward's (N, ", kRowStats, ") ",
+                    acc_type, " statistics, got ", stats.scalar_type(), " of shape ",
+                    stats.sizes(), " on ", stats.device());
+  const bool per_row = reduction == Reduction::None;
+  TORCH_CHECK_VALUE(per_row ? grad_output.numel() == N : grad_output.numel() == 1,
+                    "focal_loss_backward: grad_output must have ", per_row ? N : 1,
+                    " values, got shape ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.device() == input.device(), "focal_loss_backward: grad_output "
+                    "is on ", grad_output.device(), " but input is on ", input.device());
+  TORCH_CHECK_VALUE(grad == nullptr || (grad->is_contiguous() && grad->sizes() == input.sizes() &&
+                                        grad->scalar_type() == input.scalar_type() &&
+                                        grad->device() == input.device()),
+                    "focal_loss_backward_: grad must be the forward's contiguous gradient");
+}
+
 at::Tensor kernel_target(const at::Tensor& input, const at::Tensor& target, bool prob_target) {
   if (!prob_target) return target.to(at::kLong).contiguous();
   const auto t = target.scalar_type();

@@ -28,6 +28,13 @@ FocalLossOptions check_focal_loss_args(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& gamma, int64_t ignore_index,
                                        double label_smoothing, c10::string_view reduction);
 
+// The gradient phase's own arguments, on every backend: the forward's (N, kRowStats) statistics
+// in the math type, a grad_output of N values (reduction="none") or one, on the input's device;
+// and, for the in-place variant, `grad`: the forward's contiguous gradient.
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                         const at::Tensor& stats, Reduction reduction,
+                         const at::Tensor* grad = nullptr);
+
 // A CPU gamma table unpacked, its values checked (finite gammas >= 0, increasing thresholds).
 GammaSchedule cpu_gamma_schedule(const at::Tensor& gamma);
 

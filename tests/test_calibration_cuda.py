@@ -212,3 +212,18 @@ def test_gpu_top_state_over_many_blocks(backend, n_bins):
     empty = ck.calibration_bins(x[:0].cuda(), t[:0].cuda(), n_bins, backend=backend)
     assert empty.counts.sum() == 0 and empty.brier == 0
     assert torch.isnan(ck.ece(x[:0].cuda(), t[:0].cuda(), n_bins, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("from_logits", [True, None])
+def test_gpu_ece_is_two_launches(backend, from_logits):
+    # the rows, then the top-label state, its reading and the errors: nothing else on the device
+    x, t = _data(4096, 100, dtype=torch.float32, seed=9, ignore=True)
+    x, t = x.cuda(), t.cuda()
+    ck.ece(x, t, from_logits=from_logits, backend=backend)  # warm-up: Triton compiles
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ck.ece(x, t, from_logits=from_logits, backend=backend)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 2, kernels

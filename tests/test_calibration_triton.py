@@ -92,3 +92,26 @@ def test_triton_sweep_matches_cpp():
     cpp = ck.calibration_sweep(x, t, temps)
     torch.testing.assert_close(ours["nll"].cpu(), cpp["nll"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours["ece"].cpu(), cpp["ece"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_bins", [1, 15, 300])
+def test_triton_top_state_in_one_launch_matches_cpp(n_bins):
+    # the last program sums every chunk's partials (300 bins: 16-row chunks, two a step of its
+    # loop), keeps the reading of all chunks (a value outside [0, 1] in the last one only makes
+    # them logits) and writes the errors of the state it kept; an empty batch gives NaN errors
+    x, t = _data(100, 10, dtype=torch.float32, seed=n_bins, ignore=True)
+    p = x.softmax(1)
+    for inp in [x, p]:
+        ours = ck.calibration._fused(inp.to(DEVICE), t.to(DEVICE), n_bins, None, -100, False,
+                                     False, "triton")
+        cpp = ck.calibration._fused(inp, t, n_bins, None, -100, False, False, "cpu")
+        assert torch.equal(ours[0].cpu(), cpp[0]) and torch.equal(ours[2].cpu(), cpp[2])
+        torch.testing.assert_close(ours[1].cpu(), cpp[1], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ours[8].cpu(), cpp[8], rtol=1e-6, atol=1e-9)
+    p[99, 3] = 1.5
+    torch.testing.assert_close(ck.ece(p.to(DEVICE), t.to(DEVICE), n_bins, backend="triton").cpu(),
+                               ck.ece(p, t, n_bins, from_logits=True), rtol=1e-6, atol=1e-9)
+    empty = ck.calibration_bins(x[:0].to(DEVICE), t[:0].to(DEVICE), n_bins, backend="triton")
+    assert empty.counts.sum() == 0 and empty.brier == 0
+    for metric in [ck.ece, ck.mce, ck.rmsce]:
+        assert torch.isnan(metric(x[:0].to(DEVICE), t[:0].to(DEVICE), n_bins, backend="triton"))

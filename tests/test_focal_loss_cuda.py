@@ -239,20 +239,51 @@ def test_gpu_gamma_as_a_device_tensor(backend):
     torch.testing.assert_close(ours[1], expected[1])
 
 
-def test_gpu_cuda_forward_is_two_launches_at_most():
-    # the mean's divisor in one small kernel, the rows and the final sum in one (CONTRACT §1)
-    x, t = make_logits(4096, 100, torch.float32, seed=8)
+def _cuda_kernels(prof):
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_forward_is_two_launches_at_most(backend):
+    # the mean's divisor in one small kernel, the rows and the final sum in one (CONTRACT §1);
+    # no copy, cast or fill beside them (a CPU gamma table is read on the host or copied once)
+    x, t = make_logits(4096, 100, torch.bfloat16, seed=8)
     x, t = x.detach().cuda(), t.cuda()
     table = _table(3.0)
-    op = torch.ops.calibkernels.focal_loss_forward
+    op = _forward_op(backend)
     op(x, t, None, table, -100, 0.0, "mean", True)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for reduction in ["mean", "none"]:
             op(x, t, None, table, -100, 0.0, reduction, True)
         torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert len(kernels) <= 3, kernels
+    assert len(_cuda_kernels(prof)) <= 3, _cuda_kernels(prof)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [100, 40000])  # a fast-path / several-rows layout, a long row
+def test_gpu_backward_reads_grad_output_as_it_is(backend, c):
+    # a bf16 grad_output, expanded (stride 0) or strided, read by the gradient kernel in its
+    # dtype and stride: one launch, no cast or copy before it; the gradient as the reference's
+    n = 512 if c == 100 else 8
+    x, t = make_logits(n, c, torch.bfloat16, seed=23, ignore_index=-100)
+    x, t = x.detach().cuda().requires_grad_(), t.cuda()
+    x64 = x.detach().double().requires_grad_()
+    xe = x.detach().clone().requires_grad_()
+    loss = ck.focal_loss(x, t, reduction="none", gamma="flsd-53", backend=backend)
+    truth = reference.focal_loss(x64, t, reduction="none", gamma="flsd-53")
+    eager = reference.focal_loss(xe, t, reduction="none", gamma="flsd-53")
+    ramp = torch.linspace(-1.0, 2.0, 2 * n, device="cuda").to(torch.bfloat16)
+    for go in [torch.tensor(0.75, dtype=torch.bfloat16, device="cuda").expand(n), ramp[::2]]:
+        assert go.stride(0) != 1
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            (g,) = torch.autograd.grad(loss, x, go, retain_graph=True)
+            torch.cuda.synchronize()
+        assert len(_cuda_kernels(prof)) == 1, _cuda_kernels(prof)
+        (e,) = torch.autograd.grad(truth, x64, go.double(), retain_graph=True)
+        (ge,) = torch.autograd.grad(eager, xe, go, retain_graph=True)
+        assert_within_twice_eager(g, ge, e, torch.bfloat16, f"{backend} C={c} go={go.stride()}")
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 100000])

@@ -30,23 +30,30 @@ def compile_all():
             target = f"*{dt}" if prob else "*i64"
             cases.append((tk.focal_loss_forward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}", "TABLE": "*fp64",
-                           "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}", "GRAD": f"*{dt}",
-                           "STATS": f"*{acc}", "n_rows": "i64", "n_classes": "i64",
-                           "ignore_index": "i64", "eps": "fp64"},
-                          {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": True,
-                           "DENSE": True, "MEAN": True, "MATH_T": math_t, "ROWS": 2,
-                           "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1}))
-            cases.append((tk.focal_loss_backward_kernel,
-                          {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
-                           "STATS": f"*{acc}", "GRAD_OUTPUT": f"*{acc}", "GRAD": f"*{dt}",
+                           "DIVISOR": "*fp64", "LOSS": f"*{dt}", "PARTIALS": "*fp64",
+                           "TICKET": "*i32", "GRAD": f"*{dt}", "STATS": f"*{acc}",
                            "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64",
                            "eps": "fp64"},
+                          {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": True,
+                           "DENSE": True, "REDUCE": True, "MEAN": True, "MATH_T": math_t,
+                           "ROWS": 2, "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1,
+                           "REDUCE_BLOCK": 4096}))
+            cases.append((tk.focal_loss_divisor_kernel,
+                          {"TARGET": target, "WEIGHT": f"*{acc}", "DIVISOR": "*fp64",
+                           "TICKET": "*i32", "n_rows": "i64", "n_classes": "i64",
+                           "ignore_index": "i64"},
+                          {"PROB": prob, "HAS_WEIGHT": True, "BLOCK": 4096}))
+            cases.append((tk.focal_loss_backward_kernel,
+                          {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
+                           "STATS": f"*{acc}", "GRAD_OUTPUT": f"*{dt}", "GRAD": f"*{dt}",
+                           "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64",
+                           "go_stride": "i64", "eps": "fp64"},
                           {"GO_PER_ROW": prob, "SKIP_ONE": True, "PROB": prob,
                            "HAS_WEIGHT": True, "DENSE": prob, "MATH_T": math_t, "ROWS": 4,
                            "BLOCK_C": 1024, "ROW_ALIGN": 1}))
         cases.append((tk.calibration_rows_kernel,
                       {"X": f"*{dt}", "TARGET": "*i64", "SAMPLES": f"*{acc}", "CORRECT": "*i1",
-                       "INSIDE": "*i1", "n_rows": "i64", "n_classes": "i64",
+                       "INSIDE": "*i1", "TICKET": "*i32", "n_rows": "i64", "n_classes": "i64",
                        "ignore_index": "i64"},
                       {"MATH_T": math_t, "ROWS": 2, "BLOCK_C": 1024, "ROW_ALIGN": 1}))
         cases.append((tk.calibration_classwise_partials_kernel,
@@ -61,11 +68,15 @@ def compile_all():
                        "NLL": f"*{acc}", "CORRECT": "*i1", "n_classes": "i64",
                        "ignore_index": "i64", "n_temps": "i32"},
                       {"MATH_T": math_t, "BLOCK_T": 128, "BLOCK_C": 64}))
-    cases.append((tk.calibration_top_partials_kernel,
-                  {"SAMPLES": "*fp32", "CORRECT": "*i1", "TARGET": "*i64", "BETA": "*fp32",
-                   "PART_COUNTS": "*i64", "PART_SUMS": "*fp64", "PART_HITS": "*i64",
-                   "PART_TOTALS": "*fp64", "n_rows": "i64", "ignore_index": "i64"},
-                  {"READING": 3, "N_BINS": 15, "NB": 16, "BLOCK_R": 512}))
+    for readings in (1, 2):
+        cases.append((tk.calibration_top_kernel,
+                      {"SAMPLES": "*fp32", "CORRECT": "*i1", "TARGET": "*i64", "INSIDE": "*i1",
+                       "BETA": "*fp32", "PART_COUNTS": "*i64", "PART_SUMS": "*fp64",
+                       "PART_HITS": "*i64", "PART_TOTALS": "*fp64", "PART_INSIDE": "*i32",
+                       "TICKET": "*i32", "COUNTS": "*i64", "CONF_SUMS": "*fp64", "HITS": "*i64",
+                       "TOTALS": "*fp64", "n_rows": "i64", "ignore_index": "i64"},
+                      {"FIRST": 0, "READINGS": readings, "N_BINS": 15, "NB": 16, "BLOCK_R": 512,
+                       "BLOCK_CH": 64}))
     cases.append((tk.calibration_sweep_partials_kernel,
                   {"CONF": "*fp32", "NLL": "*fp32", "CORRECT": "*i1", "TARGET": "*i64",
                    "BETA": "*fp32", "PART_COUNTS": "*i64", "PART_SUMS": "*fp64",
@@ -148,13 +159,23 @@ def focal_layout_gate():
                          "ROWS": rows, "BLOCK_C": block, "ROW_ALIGN": align}
                 kernels = [
                     (tk.focal_loss_forward_kernel,
-                     {**common, "TABLE": "*fp64", "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}"},
-                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "MEAN": True, "SINGLE": single}),
-                    (tk.focal_loss_backward_kernel, {**common, "GRAD_OUTPUT": f"*{acc}"},
+                     {**common, "TABLE": "*fp64", "DIVISOR": "*fp64", "LOSS": f"*{dt}",
+                      "PARTIALS": "*fp64", "TICKET": "*i32"},
+                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "REDUCE": True, "MEAN": True,
+                      "SINGLE": single, "REDUCE_BLOCK": 4096}),
+                    (tk.focal_loss_backward_kernel,
+                     {**common, "GRAD_OUTPUT": f"*{dt}", "go_stride": "i64"},
                      {**flags, "GO_PER_ROW": False, "SKIP_ONE": True})]
                 for fn, signature, constexprs in kernels:
                     check(fn, signature, constexprs, c, dtype, dt, kind, rows, block, single,
                           warps, align)
+        # the mean's divisor: one program over every target, 16-byte loads of them
+        from calibkernels.triton_ops import REDUCE_BLOCK
+        check(tk.focal_loss_divisor_kernel,
+              {"TARGET": "*i64", "WEIGHT": f"*{acc}", "DIVISOR": "*fp64", "TICKET": "*i32",
+               "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64"},
+              {"PROB": False, "HAS_WEIGHT": True, "BLOCK": REDUCE_BLOCK}, 16, torch.int64,
+              dt, "divisor", 1, REDUCE_BLOCK, True, 8, 16)
         for c in (10, 100, 1000, 32000):
             rows, block, warps = calibration_layout(65536, c, dtype)
             align = _row_align(c)
@@ -164,11 +185,24 @@ def focal_layout_gate():
             seen.add(key)
             fn = tk.calibration_rows_kernel
             signature = {"X": f"*{dt}", "TARGET": "*i64", "SAMPLES": f"*{acc}", "CORRECT": "*i1",
-                         "INSIDE": "*i1", "n_rows": "i64", "n_classes": "i64",
+                         "INSIDE": "*i1", "TICKET": "*i32", "n_rows": "i64", "n_classes": "i64",
                          "ignore_index": "i64"}
             constexprs = {"MATH_T": math_t, "ROWS": rows, "BLOCK_C": block, "ROW_ALIGN": align}
             check(fn, signature, constexprs, c, dtype, dt, "calib", rows, block, True, warps,
                   align)
+    # the top-label state: 16-bin and 512-bin tiles, one reading and both (from_logits=None)
+    for n_bins in (15, 300):
+        nb = triton.next_power_of_2(n_bins)
+        for readings in (1, 2):
+            check(tk.calibration_top_kernel,
+                  {"SAMPLES": "*fp32", "CORRECT": "*i1", "TARGET": "*i64", "INSIDE": "*i1",
+                   "BETA": "*fp32", "PART_COUNTS": "*i64", "PART_SUMS": "*fp64",
+                   "PART_HITS": "*i64", "PART_TOTALS": "*fp64", "PART_INSIDE": "*i32",
+                   "TICKET": "*i32", "COUNTS": "*i64", "CONF_SUMS": "*fp64", "HITS": "*i64",
+                   "TOTALS": "*fp64", "n_rows": "i64", "ignore_index": "i64"},
+                  {"FIRST": 0, "READINGS": readings, "N_BINS": n_bins, "NB": nb,
+                   "BLOCK_R": max(16, min(1024, 8192 // nb)), "BLOCK_CH": max(1, 1024 // nb)},
+                  n_bins, torch.float32, "fp32", f"top{readings}", 1, nb, True, 4, 1)
     assert not failures, "\n".join(["layouts that spill or load narrow:"] + failures)
     print(f"layout gate: {len(seen)} layouts")
 

@@ -352,18 +352,11 @@ void run_grad_rows(const at::Tensor& out, const at::Tensor& grad_output, const a
                    double label_smoothing, c10::string_view reduction) {
   const FocalLossOptions o = check_focal_loss_args(input, target, weight, gamma, ignore_index,
                                                    label_smoothing, reduction);
+  check_backward_args(grad_output, input, stats, o.reduction);
   const at::Tensor x = input.contiguous();
   const int64_t N = x.size(0);
   const auto acc_type = math_type(x.scalar_type());
-  TORCH_CHECK_VALUE(stats.scalar_type() == acc_type && stats.dim() == 2 && stats.size(0) == N &&
-                        stats.size(1) == kRowStats,
-                    "focal_loss_backward: stats must be the forward's (N, ", kRowStats, ") ",
-                    acc_type, " statistics, got ", stats.scalar_type(), " of shape ",
-                    stats.sizes());
   const bool per_row = o.reduction == Reduction::None;
-  TORCH_CHECK_VALUE(per_row ? grad_output.numel() == N : grad_output.numel() == 1,
-                    "focal_loss_backward: grad_output must have ", per_row ? N : 1,
-                    " values, got shape ", grad_output.sizes());
   const at::Tensor t = kernel_target(x, target, o.prob_target);
   if (!o.prob_target) {  // the op may be called directly: never index a row with a bad target
     const int64_t* tp = t.const_data_ptr<int64_t>();
@@ -417,9 +410,7 @@ void focal_loss_backward_inplace_cpu(const at::Tensor& grad, const at::Tensor& g
                                      const at::Tensor& gamma, const at::Tensor& stats,
                                      int64_t ignore_index, double label_smoothing,
                                      c10::string_view reduction) {
-  TORCH_CHECK_VALUE(grad.is_contiguous() && grad.sizes() == input.sizes() &&
-                        grad.scalar_type() == input.scalar_type(),
-                    "focal_loss_backward_: grad must be the forward's contiguous gradient");
+  check_backward_args(grad_output, input, stats, parse_reduction(reduction), &grad);
   // grad holds the gradient for grad_output = 1: where that is what is asked, nothing to do.
   if (all_ones(grad_output)) return;
   run_grad_rows(grad, grad_output, input, target, weight, gamma, stats, ignore_index,

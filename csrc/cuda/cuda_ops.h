@@ -19,6 +19,11 @@ inline DType to_dtype(at::ScalarType t) {
   }
 }
 
+// The floating dtypes the kernels read (to_dtype's).
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
 // 16-byte vector loads need every row to start aligned: rows of a multiple of 16 bytes, and an
 // aligned base pointer.
 inline bool rows_aligned16(const at::Tensor& t) {

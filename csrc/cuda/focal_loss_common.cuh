@@ -23,6 +23,17 @@ __device__ __forceinline__ void store_value(void* dst, int64_t i, DType d, doubl
   }
 }
 
+// One value of a tensor in any of the kernels' dtypes, in the math type A.
+template <typename A>
+__device__ __forceinline__ A load_value(const void* src, int64_t i, DType d) {
+  switch (d) {
+    case DType::Float32: return static_cast<A>(static_cast<const float*>(src)[i]);
+    case DType::Float64: return static_cast<A>(static_cast<const double*>(src)[i]);
+    case DType::Float16: return static_cast<A>(__half2float(static_cast<const __half*>(src)[i]));
+    default: return static_cast<A>(__bfloat162float(static_cast<const __nv_bfloat16*>(src)[i]));
+  }
+}
+
 // select_gamma of the launch's schedule: from the kernel parameters, or from a table on the
 // device (read in place: a copy of the schedule would live in local memory).
 template <typename A>

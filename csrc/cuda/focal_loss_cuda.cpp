@@ -97,24 +97,17 @@ void run_backward(const at::Tensor& out, const at::Tensor& grad_output, const at
   c10::cuda::CUDAGuard guard(input.device());
   Operands ops;
   FocalLossLaunch p = common_launch(o, ops, input, target, weight, gamma);
-  const auto acc_type = math_type(ops.x.scalar_type());
-  const int64_t N = p.n_rows;
-  TORCH_CHECK_VALUE(stats.scalar_type() == acc_type && stats.dim() == 2 && stats.size(0) == N &&
-                        stats.size(1) == kRowStats && stats.device() == input.device(),
-                    "focal_loss_backward: stats must be the forward's (N, ", kRowStats, ") ",
-                    acc_type, " statistics, got ", stats.scalar_type(), " of shape ",
-                    stats.sizes());
-  const bool per_row = o.reduction == Reduction::None;
-  TORCH_CHECK_VALUE(per_row ? grad_output.numel() == N : grad_output.numel() == 1,
-                    "focal_loss_backward: grad_output must have ", per_row ? N : 1,
-                    " values, got shape ", grad_output.sizes());
-  TORCH_CHECK_VALUE(grad_output.device() == input.device(), "focal_loss_backward: grad_output "
-                    "is on ", grad_output.device(), " but input is on ", input.device());
-  const at::Tensor go = grad_output.to(acc_type).contiguous();
+  check_backward_args(grad_output, input, stats, o.reduction);
+  // grad_output is read on the device in its dtype and stride: no cast or copy launched before
+  const at::Tensor go = is_kernel_float(grad_output.scalar_type())
+                            ? grad_output.reshape({-1})
+                            : grad_output.reshape({-1}).to(math_type(ops.x.scalar_type()));
   const at::Tensor st = stats.contiguous();
   p.stats = const_cast<void*>(st.const_data_ptr());
   p.grad = out.mutable_data_ptr();
   p.grad_output = go.const_data_ptr();
+  p.go_dtype = to_dtype(go.scalar_type());
+  p.go_stride = go.stride(0);
   p.skip_one = skip_one;
   p.vectorized = p.vectorized && rows_aligned16(out);
   const cudaError_t err = launch_focal_loss_backward(p, c10::cuda::getCurrentCUDAStream());
@@ -140,9 +133,7 @@ void focal_loss_backward_inplace_cuda(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& gamma, const at::Tensor& stats,
                                       int64_t ignore_index, double label_smoothing,
                                       c10::string_view reduction) {
-  TORCH_CHECK_VALUE(grad.is_contiguous() && grad.sizes() == input.sizes() &&
-                        grad.scalar_type() == input.scalar_type(),
-                    "focal_loss_backward_: grad must be the forward's contiguous gradient");
+  check_backward_args(grad_output, input, stats, parse_reduction(reduction), &grad);
   run_backward(grad, grad_output, input, target, weight, gamma, stats, ignore_index,
                label_smoothing, reduction, /*skip_one=*/true);
 }

@@ -381,7 +381,6 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   const TT* __restrict__ probs = static_cast<const TT*>(p.probs);
   const A* __restrict__ w = static_cast<const A*>(p.weight);
   const A* __restrict__ stats = static_cast<const A*>(p.stats);
-  const A* __restrict__ go = static_cast<const A*>(p.grad_output);
   T* __restrict__ grad = static_cast<T*>(p.grad);
   const int64_t C = p.n_classes;
   const int lane = threadIdx.x % TPR;
@@ -390,13 +389,13 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   const bool dense = probs != nullptr || eps > A(0);
   const bool per_row = p.reduction == ReductionKind::None;
   // A scalar grad_output of 1 over a stored gradient: every block exits at once.
-  if (p.skip_one && !per_row && go[0] == A(1)) return;
+  if (p.skip_one && !per_row && load_value<A>(p.grad_output, 0, p.go_dtype) == A(1)) return;
 
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * ROWS; first < p.n_rows;
        first += static_cast<int64_t>(gridDim.x) * ROWS) {
     const int64_t row_i = first + threadIdx.x / TPR;
     if (row_i >= p.n_rows) continue;  // no shuffles below: subgroups may leave
-    const A go_i = go[per_row ? row_i : 0];
+    const A go_i = load_value<A>(p.grad_output, per_row ? row_i * p.go_stride : 0, p.go_dtype);
     if (p.skip_one && go_i == A(1)) continue;
     const T* __restrict__ row = logits + row_i * C;
     const TT* __restrict__ probs_row = probs != nullptr ? probs + row_i * C : nullptr;

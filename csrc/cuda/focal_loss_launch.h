@@ -35,7 +35,9 @@ struct FocalLossLaunch {
   double* partials;       // (row blocks) workspace: per-block loss sums, summed in block order
   unsigned int* ticket;   // () workspace: blocks done (the prepare kernel zeroes it)
   // backward (the gradient phase): grad = grad_output x d loss / d input, into `grad`
-  const void* grad_output;  // math type: (n_rows) for ReductionKind::None, else one value
+  const void* grad_output;  // go_dtype: (n_rows) for ReductionKind::None, else one value
+  DType go_dtype;
+  int64_t go_stride;        // between rows' values (0 when expanded)
   bool skip_one;            // `grad` holds the forward's gradient: rows whose grad_output is 1
                             // are left as they are (decided on the device)
 };
