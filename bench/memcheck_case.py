@@ -55,6 +55,9 @@ for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
                                                    (p.to(dtype), None, fixed.cuda(), 0.0)]:
                     _, grad, stats = fwd(x, target, weight, table, -100, eps, reduction, True)
                     bwd(go, x, target, weight, table, stats, -100, eps, reduction)
+                    # grad_output in the input's dtype, expanded: read in place (stride 0)
+                    bwd(go.to(dtype).reshape(-1)[:1].expand(go.numel()).reshape(go.shape), x,
+                        target, weight, table, stats, -100, eps, reduction)
                     bwd_(grad, go, x, target, weight, table, stats, -100, eps, reduction)
                 fwd(x[:, : max(1, c - 1)].contiguous(), t.clamp(max=max(0, c - 2)), None, fixed,
                     -100, 0.0, reduction, False)

@@ -97,67 +97,16 @@ def _grad_tile(z, a, offs, mask, y, live, fill, s, log_s, gamma, S, g_y, coef,
 
 
 @triton.jit
-def focal_loss_divisor_kernel(TARGET, WEIGHT, DIVISOR, TICKET, n_rows, n_classes, ignore_index,
-                              PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-    """Before a reduced loss, one program: the mean's divisor (the sum of w_y over non-ignored
-    samples, NaN if a kept target is out of range; N for probability targets), in a fixed
-    order, and the zeroed ticket of focal_loss_forward_kernel's final sum."""
-    tl.store(TICKET, 0)
-    if PROB:
-        total = n_rows.to(tl.float64)
-    else:
-        acc = tl.zeros((BLOCK,), tl.float64)
-        for start in range(0, n_rows, BLOCK):
-            rows = start + tl.arange(0, BLOCK)
-            y = tl.load(TARGET + rows, mask=rows < n_rows, other=ignore_index).to(tl.int64)
-            kept = y != ignore_index
-            live = kept & (y >= 0) & (y < n_classes)
-            w_y = tl.full((BLOCK,), 1.0, tl.float64)
-            if HAS_WEIGHT:
-                w_y = tl.load(WEIGHT + tl.where(live, y, 0), mask=live, other=0.0).to(tl.float64)
-            acc += tl.where(live, w_y, tl.where(kept, float("nan"), 0.0))
-        total = tl.sum(acc, 0)
-    tl.store(DIVISOR, total)
-
-
-@triton.jit
-def _finish_reduced(LOSS, PARTIALS, TICKET, DIVISOR, partial, MEAN: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """This program's share of a reduced loss into PARTIALS; the last program to take the ticket
-    sums them in program order (deterministic: the same bits every run) and writes the loss in
-    its dtype (through float32 for 16-bit types, as torch's .to())."""
-    n_programs = tl.num_programs(0)
-    tl.store(PARTIALS + tl.program_id(0), partial)
-    tl.debug_barrier()  # the store before the ticket's release
-    done = tl.atomic_add(TICKET, 1, sem="acq_rel")
-    if done == n_programs - 1:
-        acc = tl.zeros((BLOCK,), tl.float64)
-        for start in range(0, n_programs, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            acc += tl.load(PARTIALS + offs, mask=offs < n_programs, other=0.0, cache_modifier=".cg")
-        total = tl.sum(acc, 0)
-        if MEAN:
-            total = total / tl.load(DIVISOR)
-        if LOSS.dtype.element_ty != tl.float64:
-            total = total.to(tl.float32)
-        tl.store(LOSS, total.to(LOSS.dtype.element_ty))
-
-
-@triton.jit
-def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS, PARTIALS, TICKET, GRAD,
-                              STATS, n_rows, n_classes, ignore_index, eps: tl.float64,
-                              N_PIECES: tl.constexpr, PROB: tl.constexpr,
-                              HAS_WEIGHT: tl.constexpr, HAS_GRAD: tl.constexpr,
-                              DENSE: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr,
+def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD, STATS, n_rows,
+                              n_classes, ignore_index, eps: tl.float64, N_PIECES: tl.constexpr,
+                              PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                              HAS_GRAD: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr,
                               MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                              SINGLE: tl.constexpr, ROW_ALIGN: tl.constexpr,
-                              REDUCE_BLOCK: tl.constexpr):
+                              SINGLE: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """ROWS rows per program. SINGLE (BLOCK_C >= C): each row is read once into registers and
     its gradient written from them; otherwise the row streams in BLOCK_C pieces, read again for
     the gradient (from L2 while the rows in flight fit in it). ROW_ALIGN: a power of two that
-    divides C, so that rows of C = 1000 load in 16 bytes (the runtime only marks C % 16 == 0).
-    LOSS: the per-row losses in the loss's dtype, or (REDUCE) the sum / mean, finished by the
-    last program (DIVISOR and the zeroed TICKET from focal_loss_divisor_kernel)."""
+    divides C, so that rows of C = 1000 load in 16 bytes (the runtime only marks C % 16 == 0)."""
     math_t = MATH_T  # float32, or float64 for float64 logits
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     in_rows = rows < n_rows
@@ -276,8 +225,9 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS, PARTIALS,
     poisoned = m == float("inf")  # as torch: x - max is inf - inf
     loss_out = tl.where(live, -loss, 0.0)
     loss_out = tl.where(bad | (live & poisoned), float("nan"), loss_out)  # ignored: 0
-    if not REDUCE:
-        tl.store(LOSS + rows, loss_out.to(LOSS.dtype.element_ty), mask=in_rows)
+    # in the loss's dtype for reduction="none" (float64 to 16 bits through float32, as .to())
+    loss_low = loss_out if LOSS_ROWS.dtype.element_ty == tl.float64 else loss_out.to(tl.float32)
+    tl.store(LOSS_ROWS + rows, loss_low.to(LOSS_ROWS.dtype.element_ty), mask=in_rows)
 
     # Pass 3: the gradient, written once; the true class formed in the math precision.
     if HAS_GRAD:
@@ -309,9 +259,6 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS, PARTIALS,
             _grad_rows(X, TARGET, WEIGHT, GRAD, base, in_rows, n_classes, y, live, fill, m, s,
                        log_s, gamma, S, g_y, scale, c1, b, DENSE, PROB, HAS_WEIGHT, math_t,
                        BLOCK_C)
-    if REDUCE:  # last: no tile of the row is live across it
-        _finish_reduced(LOSS, PARTIALS, TICKET, DIVISOR, tl.sum(loss_out.to(tl.float64), 0),
-                        MEAN, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -529,8 +476,8 @@ def calibration_top_kernel(SAMPLES, CORRECT, TARGET, INSIDE, BETA, PART_COUNTS, 
     the chunks in order, keeps the reading that holds (probabilities when every chunk's kept
     values lie in [0, 1]) and writes counts, sums, hits and TOTALS: Brier, NLL, the reading
     (1: probabilities), ECE, MCE, RMSCE (csrc/calibration_row.h's binned_errors)."""
-    chunk = tl.program_id(0)
-    rows = chunk.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    chunk = tl.program_id(0).to(tl.int64)  # chunks x bins may pass 2^31
+    rows = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = rows < n_rows
     keep = mask & (tl.load(TARGET + rows, mask=mask, other=ignore_index) != ignore_index)
     hit = tl.load(CORRECT + rows, mask=mask, other=0).to(tl.int64)
@@ -541,7 +488,7 @@ def calibration_top_kernel(SAMPLES, CORRECT, TARGET, INSIDE, BETA, PART_COUNTS, 
         inside = tl.load(INSIDE + rows, mask=mask, other=1).to(tl.int32)
         tl.store(PART_INSIDE + chunk, tl.min(inside, 0))
     tl.debug_barrier()  # the partials before the ticket's release
-    n_chunks = tl.num_programs(0)
+    n_chunks = tl.num_programs(0).to(tl.int64)
     if tl.atomic_add(TICKET, 1, sem="acq_rel") == n_chunks - 1:
         counts, sums, hits, brier, nll = _sum_partials(
             PART_COUNTS, PART_SUMS, PART_HITS, PART_TOTALS, n_chunks, 0, READINGS, N_BINS, NB,

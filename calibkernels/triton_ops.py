@@ -59,22 +59,27 @@ def _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smo
 
 # The device copies of CPU gamma tables (schedule.gamma_table's are cached, long-lived tensors),
 # by table and device, with the table's version: a fixed gamma costs no host-to-device copy after
-# the first call, and a table changed in place is copied again.
+# the first call, and a table changed in place (through torch: .data and NumPy writes are not
+# seen) is copied again. Copies a CUDA graph captured are never freed: replays read them.
 _DEVICE_TABLES = WeakIdKeyDictionary()
+_CAPTURED_TABLES = {}
 
 
 def _table_on(gamma, device):
     """The gamma table on `device`, where the kernels read it (asynchronous: no host sync)."""
     if gamma.device == device:
         return gamma
-    if type(gamma) is not torch.Tensor or _get_current_dispatch_mode() is not None or \
-            torch.compiler.is_compiling():
-        return gamma.to(device, non_blocking=True)  # traced: a graph op, never a cached tensor
+    if type(gamma) is not torch.Tensor or gamma.is_inference() or \
+            _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        # traced (a graph op, never a cached tensor), or a table without a version counter
+        return gamma.to(device, non_blocking=True)
     copies = _DEVICE_TABLES.setdefault(gamma, {})
     version, copy = copies.get(device, (None, None))
     if version != gamma._version:
         copy = gamma.to(device, non_blocking=True)
         copies[device] = gamma._version, copy
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED_TABLES[id(copy)] = copy
     return copy
 
 
@@ -102,7 +107,6 @@ MAX_WARPS = {("sparse", 2): 16, ("sparse", 4): 16, ("sparse", 8): 8, ("dense", 2
              ("dense", 4): 8, ("dense", 8): 8}
 STREAM_BLOCK = {2: 8192, 4: 4096, 8: 2048}
 MAX_ROWS = 32  # rows per program when several short rows share one
-REDUCE_BLOCK = 4096  # targets / partials a step (all loads in flight) when divisor and loss are summed
 
 
 def _row_align(c):
@@ -150,37 +154,38 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
     n, c = x.shape
     acc = _acc_dtype(x.dtype)
     dev = x.device
-    reduced = reduction != "none"
     out_dtype = dtype if dtype is not None else x.dtype
+    # The mean's divisor, on the device (no host sync): NaN if a target is out of range.
+    if prob:
+        divisor = torch.full((), float(n), dtype=torch.float64, device=dev)
+    else:
+        kept = t != ignore_index
+        w_y = w[t.clamp(0, c - 1)].double() if w is not None else \
+            torch.ones(n, dtype=torch.float64, device=dev)
+        w_y = torch.where(kept & ((t < 0) | (t >= c)), float("nan"),
+                          torch.where(kept, w_y, 0.0))
+        divisor = w_y.sum()
+    # per-row losses in the loss's dtype when they are the result, else in the math type
+    loss_rows = torch.empty(n, dtype=out_dtype if reduction == "none" else acc, device=dev)
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad \
         else x.new_empty((0,))
     stats = torch.empty((n if compute_grad else 0, ROW_STATS), dtype=acc, device=dev)
-    if n == 0:  # as F.cross_entropy: the mean of nothing is NaN, the sum 0
-        return (torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=out_dtype,
-                           device=dev) if reduced else x.new_empty((0,), dtype=out_dtype),
-                grad, stats)
-    # One launch for reduction="none", two otherwise: the divisor (and zeroed ticket), then the
-    # rows, whose last program sums the programs' partials (CONTRACT §1: no host op between).
-    dense = prob or label_smoothing > 0
-    rows, block, single, warps = focal_layout(n, c, x.dtype, dense)
-    programs = triton.cdiv(n, rows)
-    loss = torch.empty(() if reduced else (n,), dtype=out_dtype, device=dev)
-    divisor = partials = ticket = loss  # unused without a reduction
-    if reduced:
-        divisor = torch.empty((), dtype=torch.float64, device=dev)
-        partials = torch.empty(programs, dtype=torch.float64, device=dev)
-        ticket = torch.empty((), dtype=torch.int32, device=dev)
-        wrap_triton(tk.focal_loss_divisor_kernel)[(1,)](
-            t, w if w is not None else divisor, divisor, ticket, n, c, ignore_index, PROB=prob,
-            HAS_WEIGHT=w is not None, BLOCK=REDUCE_BLOCK, num_warps=8)
-    wrap_triton(tk.focal_loss_forward_kernel)[(programs,)](
-        x, t, w if w is not None else loss, table, divisor, loss, partials, ticket,
-        grad if compute_grad else loss, stats if compute_grad else loss, n, c, ignore_index,
-        float(label_smoothing), N_PIECES=(table.numel() - 1) // 2, PROB=prob,
-        HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, DENSE=dense, REDUCE=reduced,
-        MEAN=reduction == "mean", MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block, SINGLE=single,
-        ROW_ALIGN=_row_align(c), REDUCE_BLOCK=REDUCE_BLOCK, num_warps=warps)
-    return loss, grad, stats
+    if n > 0:
+        dense = prob or label_smoothing > 0
+        rows, block, single, warps = focal_layout(n, c, x.dtype, dense)
+        wrap_triton(tk.focal_loss_forward_kernel)[(triton.cdiv(n, rows),)](
+            x, t, w if w is not None else loss_rows, table, divisor, loss_rows,
+            grad if compute_grad else loss_rows, stats if compute_grad else loss_rows, n, c,
+            ignore_index, float(label_smoothing), N_PIECES=(table.numel() - 1) // 2,
+            PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, DENSE=dense,
+            MEAN=reduction == "mean", MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
+            SINGLE=single, ROW_ALIGN=_row_align(c), num_warps=warps)
+    if reduction == "none":
+        return loss_rows, grad, stats
+    total = loss_rows.sum(dtype=torch.float64)
+    if reduction == "mean":
+        total = total / divisor
+    return total.to(out_dtype), grad, stats
 
 
 def _launch_backward(out, grad_output, input, target, weight, gamma, stats, ignore_index,
@@ -197,6 +202,8 @@ def _launch_backward(out, grad_output, input, target, weight, gamma, stats, igno
     if n == 0:
         return
     go = grad_output.reshape(-1)  # read in its dtype and stride by the kernel: no copy
+    if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+        go = go.contiguous()  # traced: the stride seen now need not be the one that runs
     dense = prob or label_smoothing > 0
     rows, block, _, warps = focal_layout(n, c, x.dtype, dense)
     wrap_triton(tk.focal_loss_backward_kernel)[(triton.cdiv(n, rows),)](

@@ -30,19 +30,12 @@ def compile_all():
             target = f"*{dt}" if prob else "*i64"
             cases.append((tk.focal_loss_forward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}", "TABLE": "*fp64",
-                           "DIVISOR": "*fp64", "LOSS": f"*{dt}", "PARTIALS": "*fp64",
-                           "TICKET": "*i32", "GRAD": f"*{dt}", "STATS": f"*{acc}",
-                           "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64",
-                           "eps": "fp64"},
+                           "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}", "GRAD": f"*{dt}",
+                           "STATS": f"*{acc}", "n_rows": "i64", "n_classes": "i64",
+                           "ignore_index": "i64", "eps": "fp64"},
                           {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": True,
-                           "DENSE": True, "REDUCE": True, "MEAN": True, "MATH_T": math_t,
-                           "ROWS": 2, "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1,
-                           "REDUCE_BLOCK": 4096}))
-            cases.append((tk.focal_loss_divisor_kernel,
-                          {"TARGET": target, "WEIGHT": f"*{acc}", "DIVISOR": "*fp64",
-                           "TICKET": "*i32", "n_rows": "i64", "n_classes": "i64",
-                           "ignore_index": "i64"},
-                          {"PROB": prob, "HAS_WEIGHT": True, "BLOCK": 4096}))
+                           "DENSE": True, "MEAN": True, "MATH_T": math_t, "ROWS": 2,
+                           "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1}))
             cases.append((tk.focal_loss_backward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
                            "STATS": f"*{acc}", "GRAD_OUTPUT": f"*{dt}", "GRAD": f"*{dt}",
@@ -144,7 +137,7 @@ def focal_layout_gate():
         acc, math_t = ("fp64", tl.float64) if dtype == torch.float64 else ("fp32", tl.float32)
         for kind in ("sparse", "dense", "prob"):
             prob, dense = kind == "prob", kind != "sparse"
-            for c in (10, 100, 1000, 4096, 8192, 16384, 32000, 128256):
+            for c in (2, 10, 100, 1000, 4096, 8192, 16384, 32000, 128256):
                 rows, block, single, warps = focal_layout(65536, c, dtype, dense)
                 align = _row_align(c)
                 key = (dt, kind, rows, block, single, warps, align, c % 16 == 0)
@@ -159,23 +152,14 @@ def focal_layout_gate():
                          "ROWS": rows, "BLOCK_C": block, "ROW_ALIGN": align}
                 kernels = [
                     (tk.focal_loss_forward_kernel,
-                     {**common, "TABLE": "*fp64", "DIVISOR": "*fp64", "LOSS": f"*{dt}",
-                      "PARTIALS": "*fp64", "TICKET": "*i32"},
-                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "REDUCE": True, "MEAN": True,
-                      "SINGLE": single, "REDUCE_BLOCK": 4096}),
+                     {**common, "TABLE": "*fp64", "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}"},
+                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "MEAN": True, "SINGLE": single}),
                     (tk.focal_loss_backward_kernel,
                      {**common, "GRAD_OUTPUT": f"*{dt}", "go_stride": "i64"},
                      {**flags, "GO_PER_ROW": False, "SKIP_ONE": True})]
                 for fn, signature, constexprs in kernels:
                     check(fn, signature, constexprs, c, dtype, dt, kind, rows, block, single,
                           warps, align)
-        # the mean's divisor: one program over every target, 16-byte loads of them
-        from calibkernels.triton_ops import REDUCE_BLOCK
-        check(tk.focal_loss_divisor_kernel,
-              {"TARGET": "*i64", "WEIGHT": f"*{acc}", "DIVISOR": "*fp64", "TICKET": "*i32",
-               "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64"},
-              {"PROB": False, "HAS_WEIGHT": True, "BLOCK": REDUCE_BLOCK}, 16, torch.int64,
-              dt, "divisor", 1, REDUCE_BLOCK, True, 8, 16)
         for c in (10, 100, 1000, 32000):
             rows, block, warps = calibration_layout(65536, c, dtype)
             align = _row_align(c)
