@@ -96,17 +96,81 @@ def _grad_tile(z, a, offs, mask, y, live, fill, s, log_s, gamma, S, g_y, coef,
     return tl.where(live[:, None], g, fill[:, None])
 
 
+# The mean's divisor in this many parts, one program each: every reader sums them in one order.
+N_DIVISOR_PARTS = tl.constexpr(64)
+
+
 @triton.jit
-def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD, STATS, n_rows,
+def _to_storage(v, ty: tl.constexpr):
+    """v in the storage type `ty`; float64 goes to 16 bits through float32, as torch's .to()."""
+    if ty != tl.float64:
+        v = v.to(tl.float32)
+    return v.to(ty)
+
+
+@triton.jit
+def _divisor(DIVISOR_PARTS, n_rows, PROB: tl.constexpr):
+    """The mean's divisor in float64: N for probability targets, else the sum of the parts."""
+    if PROB:
+        d = tl.zeros((), tl.float64) + n_rows
+    else:
+        d = tl.sum(tl.load(DIVISOR_PARTS + tl.arange(0, N_DIVISOR_PARTS)), 0)
+    return d
+
+
+@triton.jit
+def focal_loss_divisor_kernel(TARGET, WEIGHT, DIVISOR_PARTS, n_rows, n_classes, ignore_index,
+                              HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """Part program_id(0) of N_DIVISOR_PARTS of the mean's divisor (class-index targets): the
+    float64 sum of w_y over the kept samples of its share of the rows; NaN if a kept target is
+    out of range, so that the loss and gradient are NaN, never silently wrong."""
+    part = tl.program_id(0)
+    share = tl.cdiv(n_rows, N_DIVISOR_PARTS)
+    start = part.to(tl.int64) * share
+    end = tl.minimum(start + share, n_rows)
+    acc = tl.zeros((BLOCK,), tl.float64)
+    for first in range(start, end, BLOCK):
+        rows = first + tl.arange(0, BLOCK)
+        y = tl.load(TARGET + rows, mask=rows < end, other=ignore_index)
+        kept = y != ignore_index
+        ok = kept & (y >= 0) & (y < n_classes)
+        w_y = tl.full((BLOCK,), 1.0, tl.float64)
+        if HAS_WEIGHT:
+            w_y = tl.load(WEIGHT + tl.where(ok, y, 0), mask=ok, other=0.0).to(tl.float64)
+        acc += tl.where(ok, w_y, tl.where(kept, float("nan"), 0.0))
+    tl.store(DIVISOR_PARTS + part, tl.sum(acc, 0))
+
+
+@triton.jit
+def focal_loss_finish_kernel(LOSS_PARTS, n_parts, DIVISOR_PARTS, OUT, n_rows, MEAN: tl.constexpr,
+                             PROB: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the reduced loss, the sum of the row programs' float64 partials in one fixed
+    order (deterministic), over the divisor for MEAN, in the loss's dtype."""
+    acc = tl.zeros((BLOCK,), tl.float64)
+    for start in range(0, n_parts, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(LOSS_PARTS + offs, mask=offs < n_parts, other=0.0)
+    total = tl.sum(acc, 0)
+    if MEAN:
+        total = total / _divisor(DIVISOR_PARTS, n_rows, PROB)
+    tl.store(OUT, _to_storage(total, OUT.dtype.element_ty))
+
+
+@triton.jit
+def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR_PARTS, LOSS, GRAD, STATS, n_rows,
                               n_classes, ignore_index, eps: tl.float64, N_PIECES: tl.constexpr,
                               PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                               HAS_GRAD: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr,
-                              MATH_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                              SINGLE: tl.constexpr, ROW_ALIGN: tl.constexpr):
+                              REDUCE: tl.constexpr, MATH_T: tl.constexpr, ROWS: tl.constexpr,
+                              BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+                              ROW_ALIGN: tl.constexpr):
     """ROWS rows per program. SINGLE (BLOCK_C >= C): each row is read once into registers and
     its gradient written from them; otherwise the row streams in BLOCK_C pieces, read again for
     the gradient (from L2 while the rows in flight fit in it). ROW_ALIGN: a power of two that
-    divides C, so that rows of C = 1000 load in 16 bytes (the runtime only marks C % 16 == 0)."""
+    divides C, so that rows of C = 1000 load in 16 bytes (the runtime only marks C % 16 == 0).
+    LOSS: the per-row losses, or with REDUCE the program's float64 sum of its rows' (summed by
+    focal_loss_finish_kernel). MEAN with class indices: the gradient's divisor is the sum of
+    focal_loss_divisor_kernel's DIVISOR_PARTS."""
     math_t = MATH_T  # float32, or float64 for float64 logits
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     in_rows = rows < n_rows
@@ -225,15 +289,16 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR, LOSS_ROWS, GRAD
     poisoned = m == float("inf")  # as torch: x - max is inf - inf
     loss_out = tl.where(live, -loss, 0.0)
     loss_out = tl.where(bad | (live & poisoned), float("nan"), loss_out)  # ignored: 0
-    # in the loss's dtype for reduction="none" (float64 to 16 bits through float32, as .to())
-    loss_low = loss_out if LOSS_ROWS.dtype.element_ty == tl.float64 else loss_out.to(tl.float32)
-    tl.store(LOSS_ROWS + rows, loss_low.to(LOSS_ROWS.dtype.element_ty), mask=in_rows)
+    if REDUCE:  # rows past n_rows hold 0
+        tl.store(LOSS + tl.program_id(0), tl.sum(loss_out.to(tl.float64), 0))
+    else:  # in the loss's dtype (float64 to 16 bits through float32, as .to())
+        tl.store(LOSS + rows, _to_storage(loss_out, LOSS.dtype.element_ty), mask=in_rows)
 
     # Pass 3: the gradient, written once; the true class formed in the math precision.
     if HAS_GRAD:
         scale = tl.full((ROWS,), 1.0, math_t)
         if MEAN:
-            scale = scale / tl.load(DIVISOR).to(math_t)
+            scale = scale / _divisor(DIVISOR_PARTS, n_rows, PROB).to(math_t)
         scale = tl.where(live, scale, 0.0)
         S = S_other + aG_y
         g_y = p_y * S_other - q_y * aG_y

@@ -155,37 +155,38 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
     acc = _acc_dtype(x.dtype)
     dev = x.device
     out_dtype = dtype if dtype is not None else x.dtype
-    # The mean's divisor, on the device (no host sync): NaN if a target is out of range.
-    if prob:
-        divisor = torch.full((), float(n), dtype=torch.float64, device=dev)
-    else:
-        kept = t != ignore_index
-        w_y = w[t.clamp(0, c - 1)].double() if w is not None else \
-            torch.ones(n, dtype=torch.float64, device=dev)
-        w_y = torch.where(kept & ((t < 0) | (t >= c)), float("nan"),
-                          torch.where(kept, w_y, 0.0))
-        divisor = w_y.sum()
-    # per-row losses in the loss's dtype when they are the result, else in the math type
-    loss_rows = torch.empty(n, dtype=out_dtype if reduction == "none" else acc, device=dev)
+    mean, reduce = reduction == "mean", reduction != "none"
+    # The mean's divisor in parts, on the device (no host sync): N for probability targets.
+    parts = torch.empty(tk.N_DIVISOR_PARTS if mean and not prob else 1, dtype=torch.float64,
+                        device=dev)
+    if mean and not prob:
+        wrap_triton(tk.focal_loss_divisor_kernel)[(tk.N_DIVISOR_PARTS,)](
+            t, w if w is not None else parts, parts, n, c, ignore_index, HAS_WEIGHT=w is not None,
+            BLOCK=1024, num_warps=4)
+    dense = prob or label_smoothing > 0
+    rows, block, single, warps = focal_layout(n, c, x.dtype, dense)
+    programs = triton.cdiv(n, rows)
+    # per-row losses in the loss's dtype, or each program's float64 sum of its rows' losses
+    loss = torch.empty(max(programs, 1), dtype=torch.float64, device=dev) if reduce else \
+        torch.empty(n, dtype=out_dtype, device=dev)
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad \
         else x.new_empty((0,))
     stats = torch.empty((n if compute_grad else 0, ROW_STATS), dtype=acc, device=dev)
     if n > 0:
-        dense = prob or label_smoothing > 0
-        rows, block, single, warps = focal_layout(n, c, x.dtype, dense)
-        wrap_triton(tk.focal_loss_forward_kernel)[(triton.cdiv(n, rows),)](
-            x, t, w if w is not None else loss_rows, table, divisor, loss_rows,
-            grad if compute_grad else loss_rows, stats if compute_grad else loss_rows, n, c,
+        wrap_triton(tk.focal_loss_forward_kernel)[(programs,)](
+            x, t, w if w is not None else loss, table, parts, loss,
+            grad if compute_grad else loss, stats if compute_grad else loss, n, c,
             ignore_index, float(label_smoothing), N_PIECES=(table.numel() - 1) // 2,
             PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, DENSE=dense,
-            MEAN=reduction == "mean", MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
+            MEAN=mean, REDUCE=reduce, MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
             SINGLE=single, ROW_ALIGN=_row_align(c), num_warps=warps)
-    if reduction == "none":
-        return loss_rows, grad, stats
-    total = loss_rows.sum(dtype=torch.float64)
-    if reduction == "mean":
-        total = total / divisor
-    return total.to(out_dtype), grad, stats
+    if not reduce:
+        return loss, grad, stats
+    total = torch.empty((), dtype=out_dtype, device=dev)
+    wrap_triton(tk.focal_loss_finish_kernel)[(1,)](
+        loss, programs if n > 0 else 0, parts, total, n, MEAN=mean, PROB=prob, BLOCK=4096,
+        num_warps=8)
+    return total, grad, stats
 
 
 def _launch_backward(out, grad_output, input, target, weight, gamma, stats, ignore_index,

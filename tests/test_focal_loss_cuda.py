@@ -259,6 +259,41 @@ def test_gpu_cuda_forward_is_two_launches_at_most():
     assert len(_cuda_kernels(prof)) <= 3, _cuda_kernels(prof)
 
 
+def test_gpu_triton_forward_is_three_launches_at_most():
+    # the mean's divisor in 64 parts, the rows (each program's partial sum), the final sum: no
+    # torch op beside them; "sum" skips the divisor, "none" the final sum
+    x, t = make_logits(4096, 100, torch.bfloat16, seed=8)
+    x, t = x.detach().cuda(), t.cuda()
+    table = _table(3.0)
+    op = _forward_op("triton")
+    for reduction, launches in [("mean", 3), ("sum", 2), ("none", 1)]:
+        op(x, t, None, table, -100, 0.0, reduction, True)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            op(x, t, None, table, -100, 0.0, reduction, True)
+            torch.cuda.synchronize()
+        assert len(_cuda_kernels(prof)) == launches, (reduction, _cuda_kernels(prof))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,c", [(63, 10), (64, 10), (65, 1000), (2_000_003, 10)])
+def test_gpu_mean_divisor_in_parts_like_cross_entropy(backend, n, c):
+    # the divisor summed in 64 parts (shares of 0 or 1 row, a short last share, 31251 rows a
+    # share): the weighted mean and its gradient as F.cross_entropy's; a bad kept target: NaN
+    x, t = make_logits(n, c, torch.float32, seed=23, ignore_index=-100)
+    x, t = x.detach().cuda().requires_grad_(), t.cuda()
+    w = torch.rand(c, device="cuda", generator=torch.Generator("cuda").manual_seed(4)) + 0.25
+    ours = ck.focal_loss(x, t, weight=w, gamma=0.0, backend=backend)
+    (g,) = torch.autograd.grad(ours, x)
+    truth = torch.nn.functional.cross_entropy(x.double(), t, weight=w.double())
+    (g_truth,) = torch.autograd.grad(truth, x)
+    torch.testing.assert_close(ours.double(), truth.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(g, g_truth.float(), rtol=1e-4, atol=1e-9)
+    t_bad = t.clone()
+    t_bad[n - 1] = c
+    assert ck.focal_loss(x.detach(), t_bad, weight=w, backend=backend).isnan()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("c", [100, 40000])  # a fast-path / several-rows layout, a long row
 def test_gpu_backward_reads_grad_output_as_it_is(backend, c):

@@ -221,22 +221,29 @@ def test_triton_empty_batch_like_cross_entropy(prob):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_reduced_loss_like_cross_entropy(monkeypatch, dtype):
-    # one row a program (40 programs), weighted or not: the per-row losses in float32, summed in
-    # float64, rounded once to the loss's dtype; the same bits on every call
+    # one row a program (40 or 130 programs), weighted or not: the per-row losses in float32,
+    # summed in float64, rounded to the loss's dtype as torch's .to() does; the divisor in 64
+    # parts (one row each, some empty; 3 rows each, the last short); the same bits every call
     ck.ops.load_triton()
     from calibkernels import triton_ops
     monkeypatch.setattr(triton_ops, "MAX_ROWS", 1)
-    x, t = make_logits(40, 7, dtype, seed=21, ignore_index=-100)
-    x, t = x.detach().to(DEVICE), t.to(DEVICE)
     weight = (torch.rand(7, generator=torch.Generator().manual_seed(3)) + 0.25).to(DEVICE)
-    for kw in [{}, dict(weight=weight)]:
-        for reduction in ["mean", "sum"]:
+    for n in [40, 130]:
+        x, t = make_logits(n, 7, dtype, seed=21, ignore_index=-100)
+        x, t = x.detach().to(DEVICE), t.to(DEVICE)
+        for kw, reduction in itertools.product([{}, dict(weight=weight)], ["mean", "sum"]):
             ours = ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="triton", **kw)
             again = ck.focal_loss(x, t, reduction=reduction, gamma=0.0, backend="triton", **kw)
             truth = torch.nn.functional.cross_entropy(x.double(), t, reduction=reduction,
                                                       **{k: v.double() for k, v in kw.items()})
             assert ours.dtype == dtype and torch.equal(ours, again)
-            rounding = 2e-6 if dtype == torch.float32 else 2**-8  # half an ulp of bf16
+            if dtype == torch.bfloat16 and DEVICE == "cpu":
+                # Triton's interpreter truncates float32 -> bfloat16 (its cast_impl), where the
+                # GPU rounds to nearest: within an ulp, never above the true magnitude
+                assert ours.double().abs() <= truth.abs() * (1 + 1e-6), (ours, truth)
+                rounding = 2**-7
+            else:
+                rounding = 2e-6 if dtype == torch.float32 else 2**-8  # half an ulp of bf16
             torch.testing.assert_close(ours.double(), truth, rtol=rounding, atol=0)
     # a kept target out of range makes the mean NaN (the divisor), and its row's sum NaN
     t_bad = t.clone()

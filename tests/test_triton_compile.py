@@ -30,12 +30,12 @@ def compile_all():
             target = f"*{dt}" if prob else "*i64"
             cases.append((tk.focal_loss_forward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}", "TABLE": "*fp64",
-                           "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}", "GRAD": f"*{dt}",
-                           "STATS": f"*{acc}", "n_rows": "i64", "n_classes": "i64",
-                           "ignore_index": "i64", "eps": "fp64"},
+                           "DIVISOR_PARTS": "*fp64", "LOSS": "*fp64" if prob else f"*{dt}",
+                           "GRAD": f"*{dt}", "STATS": f"*{acc}", "n_rows": "i64",
+                           "n_classes": "i64", "ignore_index": "i64", "eps": "fp64"},
                           {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": True,
-                           "DENSE": True, "MEAN": True, "MATH_T": math_t, "ROWS": 2,
-                           "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1}))
+                           "DENSE": True, "MEAN": True, "REDUCE": prob, "MATH_T": math_t,
+                           "ROWS": 2, "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1}))
             cases.append((tk.focal_loss_backward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
                            "STATS": f"*{acc}", "GRAD_OUTPUT": f"*{dt}", "GRAD": f"*{dt}",
@@ -61,6 +61,14 @@ def compile_all():
                        "NLL": f"*{acc}", "CORRECT": "*i1", "n_classes": "i64",
                        "ignore_index": "i64", "n_temps": "i32"},
                       {"MATH_T": math_t, "BLOCK_T": 128, "BLOCK_C": 64}))
+        cases.append((tk.focal_loss_finish_kernel,
+                      {"LOSS_PARTS": "*fp64", "n_parts": "i64", "DIVISOR_PARTS": "*fp64",
+                       "OUT": f"*{dt}", "n_rows": "i64"},
+                      {"MEAN": True, "PROB": False, "BLOCK": 4096}))
+    cases.append((tk.focal_loss_divisor_kernel,
+                  {"TARGET": "*i64", "WEIGHT": "*fp32", "DIVISOR_PARTS": "*fp64", "n_rows": "i64",
+                   "n_classes": "i64", "ignore_index": "i64"},
+                  {"HAS_WEIGHT": True, "BLOCK": 1024}))
     for readings in (1, 2):
         cases.append((tk.calibration_top_kernel,
                       {"SAMPLES": "*fp32", "CORRECT": "*i1", "TARGET": "*i64", "INSIDE": "*i1",
@@ -152,8 +160,9 @@ def focal_layout_gate():
                          "ROWS": rows, "BLOCK_C": block, "ROW_ALIGN": align}
                 kernels = [
                     (tk.focal_loss_forward_kernel,
-                     {**common, "TABLE": "*fp64", "DIVISOR": "*fp64", "LOSS_ROWS": f"*{acc}"},
-                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "MEAN": True, "SINGLE": single}),
+                     {**common, "TABLE": "*fp64", "DIVISOR_PARTS": "*fp64", "LOSS": "*fp64"},
+                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "MEAN": True, "REDUCE": True,
+                      "SINGLE": single}),
                     (tk.focal_loss_backward_kernel,
                      {**common, "GRAD_OUTPUT": f"*{dt}", "go_stride": "i64"},
                      {**flags, "GO_PER_ROW": False, "SKIP_ONE": True})]
@@ -187,6 +196,15 @@ def focal_layout_gate():
                   {"FIRST": 0, "READINGS": readings, "N_BINS": n_bins, "NB": nb,
                    "BLOCK_R": max(16, min(1024, 8192 // nb)), "BLOCK_CH": max(1, 1024 // nb)},
                   n_bins, torch.float32, "fp32", f"top{readings}", 1, nb, True, 4, 1)
+    # the mean's divisor (4 warps) and the final sum (8 warps), as triton_ops launches them
+    check(tk.focal_loss_divisor_kernel,
+          {"TARGET": "*i64", "WEIGHT": "*fp32", "DIVISOR_PARTS": "*fp64", "n_rows": "i64",
+           "n_classes": "i64", "ignore_index": "i64"}, {"HAS_WEIGHT": True, "BLOCK": 1024},
+          1, torch.int64, "i64", "divisor", 1, 1024, True, 4, 1)
+    check(tk.focal_loss_finish_kernel,
+          {"LOSS_PARTS": "*fp64", "n_parts": "i64", "DIVISOR_PARTS": "*fp64", "OUT": "*bf16",
+           "n_rows": "i64"}, {"MEAN": True, "PROB": False, "BLOCK": 4096},
+          1, torch.float64, "fp64", "finish", 1, 4096, True, 8, 1)
     assert not failures, "\n".join(["layouts that spill or load narrow:"] + failures)
     print(f"layout gate: {len(seen)} layouts")
 

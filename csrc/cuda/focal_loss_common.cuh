@@ -50,6 +50,14 @@ __device__ __forceinline__ A launch_gamma(const FocalLossLaunch& p, A p_y) {
   return g >= 0.0 && g <= 1e300 ? static_cast<A>(g) : static_cast<A>(NAN);
 }
 
+// The mean's divisor: the prepare kernel's parts added in one fixed order.
+__device__ __forceinline__ double mean_divisor(const FocalLossLaunch& p) {
+  double d = 0.0;
+#pragma unroll 16
+  for (int j = 0; j < kDivisorParts; ++j) d += p.divisor_parts[j];
+  return d;
+}
+
 // The reduced loss, after every row of the block: each block's partial (thread 0's block_loss),
 // then the last block to finish sums them in block order (deterministic, graph-safe) and writes
 // the loss in its dtype. Every thread of the block calls it.
@@ -81,7 +89,7 @@ __device__ __forceinline__ void finish_reduced_loss(const FocalLossLaunch& p, do
   if (threadIdx.x == 0) {
     const double total = smem_total[0];
     store_value(p.loss, 0, p.out_dtype,
-                p.reduction == ReductionKind::Mean ? total / *p.divisor : total);
+                p.reduction == ReductionKind::Mean ? total / mean_divisor(p) : total);
     *p.ticket = 0u;  // ready for the next call on this workspace
   }
 }

@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cuda(
                             : at::empty({N}, x.options().dtype(out_dtype));
   at::Tensor grad = compute_grad ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
   at::Tensor stats = at::empty({compute_grad ? N : 0, kRowStats}, x.options().dtype(acc_type));
-  at::Tensor divisor = at::empty({}, x.options().dtype(at::kDouble));
+  at::Tensor divisor_parts = at::empty({kDivisorParts}, x.options().dtype(at::kDouble));
   p.vectorized = p.vectorized && (!compute_grad || rows_aligned16(grad));  // picks the kernel
   at::Tensor partials = at::empty({reduced ? focal_loss_row_blocks(p) : 0},
                                   x.options().dtype(at::kDouble));
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cuda(
   p.loss = loss.mutable_data_ptr();
   p.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
   p.stats = compute_grad ? stats.mutable_data_ptr() : nullptr;
-  p.divisor = divisor.mutable_data_ptr<double>();
+  p.divisor_parts = divisor_parts.mutable_data_ptr<double>();
   p.partials = reduced ? partials.mutable_data_ptr<double>() : nullptr;
   p.ticket = reduced ? reinterpret_cast<unsigned int*>(ticket.mutable_data_ptr<int>()) : nullptr;
   const cudaError_t err = launch_focal_loss_forward(p, c10::cuda::getCurrentCUDAStream());
@@ -97,7 +97,7 @@ void run_backward(const at::Tensor& out, const at::Tensor& grad_output, const at
   c10::cuda::CUDAGuard guard(input.device());
   Operands ops;
   FocalLossLaunch p = common_launch(o, ops, input, target, weight, gamma);
-  check_backward_args(grad_output, input, stats, o.reduction);
+  check_backward_args(grad_output, input, stats, o.reduction, skip_one ? &out : nullptr);
   // grad_output is read on the device in its dtype and stride: no cast or copy launched before
   const at::Tensor go = is_kernel_float(grad_output.scalar_type())
                             ? grad_output.reshape({-1})
@@ -133,7 +133,6 @@ void focal_loss_backward_inplace_cuda(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& gamma, const at::Tensor& stats,
                                       int64_t ignore_index, double label_smoothing,
                                       c10::string_view reduction) {
-  check_backward_args(grad_output, input, stats, parse_reduction(reduction), &grad);
   run_backward(grad, grad_output, input, target, weight, gamma, stats, ignore_index,
                label_smoothing, reduction, /*skip_one=*/true);
 }

@@ -18,7 +18,7 @@ namespace calibkernels {
 namespace {
 
 constexpr int kItems = 4;             // 16-byte chunks per thread kept in registers
-constexpr int kReduceThreads = 1024;  // the single-block reductions over N
+constexpr int kReduceThreads = 1024;  // a block of the prepare kernel: 8 KB of targets in flight
 
 // Online softmax statistics of a set of logits: its max m, how many equal m (each adds exactly 1
 // to sum exp(x - m)) and the sum of exp(x - m) over the rest (see log_sum_exp_shifted).
@@ -214,7 +214,8 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   const A eps = static_cast<A>(p.smoothing);
   const A c1 = A(1) - eps, b = eps / static_cast<A>(C);
   const bool dense = probs != nullptr || eps > A(0);
-  const A scale_all = p.reduction == ReductionKind::Mean ? A(1) / static_cast<A>(*p.divisor) : A(1);
+  const A scale_all =
+      p.reduction == ReductionKind::Mean ? A(1) / static_cast<A>(mean_divisor(p)) : A(1);
   double block_loss = 0.0;  // thread 0: this block's rows, in order
 
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * ROWS; first < p.n_rows;
@@ -343,20 +344,28 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   finish_reduced_loss(p, block_loss);
 }
 
-// Before a reduced loss: the mean's divisor, the sum of w_y over non-ignored samples (NaN if a
-// target is out of range: the loss and gradient are then NaN, never silently wrong; the number
-// of samples for probability targets), and a zeroed ticket. One block, fixed order.
+// Before a reduced loss: the mean's divisor in kDivisorParts parts, one a block, each the sum of
+// w_y over the non-ignored samples of its share of the rows (NaN if a target is out of range: the
+// loss and gradient are then NaN, never silently wrong; the share's size for probability
+// targets), and a zeroed ticket. Fixed order within a block; the readers add the parts in order.
 template <typename A>
 __global__ void __launch_bounds__(kReduceThreads) focal_loss_prepare_kernel(const FocalLossLaunch p) {
   __shared__ double smem[kReduceThreads];
   const A* __restrict__ weight = static_cast<const A*>(p.weight);
+  const int64_t share = (p.n_rows + kDivisorParts - 1) / kDivisorParts;
+  const int64_t begin = blockIdx.x * share;
+  const int64_t end = begin + share < p.n_rows ? begin + share : p.n_rows;
   double acc = 0.0;
   if (p.target != nullptr) {
-    for (int64_t i = threadIdx.x; i < p.n_rows; i += kReduceThreads) {
+#pragma unroll 4
+    for (int64_t i = begin + threadIdx.x; i < end; i += kReduceThreads) {
       const int64_t y = p.target[i];
-      if (y == p.ignore_index) continue;
-      acc += (y < 0 || y >= p.n_classes) ? NAN : (weight ? static_cast<double>(weight[y]) : 1.0);
+      const double w_y = (y < 0 || y >= p.n_classes) ? NAN
+                         : weight ? static_cast<double>(weight[y]) : 1.0;
+      acc += y == p.ignore_index ? 0.0 : w_y;
     }
+  } else if (threadIdx.x == 0 && end > begin) {
+    acc = static_cast<double>(end - begin);
   }
   smem[threadIdx.x] = acc;
   __syncthreads();
@@ -365,8 +374,8 @@ __global__ void __launch_bounds__(kReduceThreads) focal_loss_prepare_kernel(cons
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    *p.divisor = p.target != nullptr ? smem[0] : static_cast<double>(p.n_rows);
-    *p.ticket = 0u;
+    p.divisor_parts[blockIdx.x] = smem[0];
+    if (blockIdx.x == 0) *p.ticket = 0u;
   }
 }
 
@@ -475,7 +484,7 @@ cudaError_t launch_focal_loss_forward(const FocalLossLaunch& p, cudaStream_t str
     using TT = decltype(tt_tag);
     using A = typename MathType<T>::type;
     if (p.reduction != ReductionKind::None) {
-      focal_loss_prepare_kernel<A><<<1, kReduceThreads, 0, stream>>>(p);
+      focal_loss_prepare_kernel<A><<<kDivisorParts, kReduceThreads, 0, stream>>>(p);
     }
     cudaError_t err = cudaSuccess;
     if ((p.n_rows > 0 || p.reduction != ReductionKind::None) &&

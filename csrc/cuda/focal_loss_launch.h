@@ -13,6 +13,10 @@ namespace calibkernels {
 
 enum class ReductionKind : int { None, Mean, Sum };
 
+// The mean's divisor is summed by this many blocks of the prepare kernel; every reader adds the
+// parts in one order (the same bits in every block).
+constexpr int kDivisorParts = 64;
+
 struct FocalLossLaunch {
   DType dtype;            // the input's storage type
   DType target_dtype;     // probability targets: the input's dtype or its math type
@@ -31,7 +35,8 @@ struct FocalLossLaunch {
   void* loss;       // out_dtype: (n_rows) for ReductionKind::None, else ()
   void* grad;       // (n_rows, n_classes) in dtype, or null
   void* stats;      // (n_rows, kRowStats) in the math type, written with grad
-  double* divisor;  // () workspace: the mean's divisor (sum of w_y over non-ignored samples)
+  double* divisor_parts;  // (kDivisorParts) workspace: the mean's divisor (the sum of w_y over
+                          // non-ignored samples, or N) in parts, summed by mean_divisor
   double* partials;       // (row blocks) workspace: per-block loss sums, summed in block order
   unsigned int* ticket;   // () workspace: blocks done (the prepare kernel zeroes it)
   // backward (the gradient phase): grad = grad_output x d loss / d input, into `grad`

@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
   for (int i = 0; i < ITEMS; ++i) mine |= (i * TPR + lane < n_local ? 1u : 0u) << i;
   const float* __restrict__ w = static_cast<const float*>(p.weight);
   const float scale_all =
-      p.reduction == ReductionKind::Mean ? 1.0f / static_cast<float>(*p.divisor) : 1.0f;
+      p.reduction == ReductionKind::Mean ? 1.0f / static_cast<float>(mean_divisor(p)) : 1.0f;
   const int64_t groups = gridDim.x / CLUSTER;  // rows in flight: ROWS per block or cluster
   __shared__ double block_loss;                // this block's rows, in order (by thread 0)
   if (threadIdx.x == 0) block_loss = 0.0;      // (in shared memory: registers are for the row)
