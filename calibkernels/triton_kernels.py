@@ -96,8 +96,10 @@ def _grad_tile(z, a, offs, mask, y, live, fill, s, log_s, gamma, S, g_y, coef,
     return tl.where(live[:, None], g, fill[:, None])
 
 
-# The mean's divisor in this many parts, one program each: every reader sums them in one order.
-N_DIVISOR_PARTS = tl.constexpr(64)
+# The mean's divisor in this many parts, one program each; a reader sums them in a fixed order
+# (a plain int for the launch grid: torch.compile's tracer takes no constexpr there).
+DIVISOR_PART_COUNT = 64
+N_DIVISOR_PARTS = tl.constexpr(DIVISOR_PART_COUNT)
 
 
 @triton.jit
@@ -125,6 +127,7 @@ def focal_loss_divisor_kernel(TARGET, WEIGHT, DIVISOR_PARTS, n_rows, n_classes, 
     float64 sum of w_y over the kept samples of its share of the rows; NaN if a kept target is
     out of range, so that the loss and gradient are NaN, never silently wrong."""
     part = tl.program_id(0)
+    n_rows = tl.zeros((), tl.int64) + n_rows  # an int32 argument near 2^31 would overflow
     share = tl.cdiv(n_rows, N_DIVISOR_PARTS)
     start = part.to(tl.int64) * share
     end = tl.minimum(start + share, n_rows)

@@ -157,10 +157,10 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
     out_dtype = dtype if dtype is not None else x.dtype
     mean, reduce = reduction == "mean", reduction != "none"
     # The mean's divisor in parts, on the device (no host sync): N for probability targets.
-    parts = torch.empty(tk.N_DIVISOR_PARTS if mean and not prob else 1, dtype=torch.float64,
+    parts = torch.empty(tk.DIVISOR_PART_COUNT if mean and not prob else 1, dtype=torch.float64,
                         device=dev)
     if mean and not prob:
-        wrap_triton(tk.focal_loss_divisor_kernel)[(tk.N_DIVISOR_PARTS,)](
+        wrap_triton(tk.focal_loss_divisor_kernel)[(tk.DIVISOR_PART_COUNT,)](
             t, w if w is not None else parts, parts, n, c, ignore_index, HAS_WEIGHT=w is not None,
             BLOCK=1024, num_warps=4)
     dense = prob or label_smoothing > 0

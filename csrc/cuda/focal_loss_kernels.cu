@@ -344,13 +344,17 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
   finish_reduced_loss(p, block_loss);
 }
 
-// Before a reduced loss: the mean's divisor in kDivisorParts parts, one a block, each the sum of
-// w_y over the non-ignored samples of its share of the rows (NaN if a target is out of range: the
-// loss and gradient are then NaN, never silently wrong; the share's size for probability
-// targets), and a zeroed ticket. Fixed order within a block; the readers add the parts in order.
+// Before a reduced loss: a zeroed ticket and, for the mean, its divisor in kDivisorParts parts,
+// one a block, each the sum of w_y over the non-ignored samples of its share of the rows (NaN if
+// a target is out of range: the loss and gradient are then NaN, never silently wrong; the share's
+// size for probability targets). Fixed order within a block; the readers add the parts in order.
 template <typename A>
 __global__ void __launch_bounds__(kReduceThreads) focal_loss_prepare_kernel(const FocalLossLaunch p) {
   __shared__ double smem[kReduceThreads];
+  if (p.reduction != ReductionKind::Mean) {  // one block: only the ticket
+    if (threadIdx.x == 0) *p.ticket = 0u;
+    return;
+  }
   const A* __restrict__ weight = static_cast<const A*>(p.weight);
   const int64_t share = (p.n_rows + kDivisorParts - 1) / kDivisorParts;
   const int64_t begin = blockIdx.x * share;
@@ -485,7 +489,8 @@ cudaError_t launch_focal_loss_forward(const FocalLossLaunch& p, cudaStream_t str
     using TT = decltype(tt_tag);
     using A = typename MathType<T>::type;
     if (p.reduction != ReductionKind::None) {
-      focal_loss_prepare_kernel<A><<<kDivisorParts, kReduceThreads, 0, stream>>>(p);
+      const int parts = p.reduction == ReductionKind::Mean ? kDivisorParts : 1;
+      focal_loss_prepare_kernel<A><<<parts, kReduceThreads, 0, stream>>>(p);
     }
     cudaError_t err = cudaSuccess;
     if ((p.n_rows > 0 || p.reduction != ReductionKind::None) &&
