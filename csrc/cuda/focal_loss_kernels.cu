@@ -132,12 +132,14 @@ __device__ __forceinline__ void update_state(SoftmaxState<A>& s, const A (&v)[VE
     s.n_max = A(0);
     s.m = cm;
   }
+  // No branch an element: exp for every one, then selects (its inf or NaN past the row, or at
+  // an infinite max, is never added).
 #pragma unroll
   for (int k = 0; k < VEC; ++k) {
-    if (base + k < C) {
-      if (v[k] == s.m) s.n_max += A(1);
-      else s.rest += ck_exp(v[k] - s.m);
-    }
+    const bool in_row = base + k < C, at_max = v[k] == s.m;
+    const A e = ck_exp(v[k] - s.m);
+    s.n_max += in_row && at_max ? A(1) : A(0);
+    s.rest += in_row && !at_max ? e : A(0);
   }
 }
 
@@ -231,16 +233,19 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
     const bool bad = p.target != nullptr && !ignored && (y < 0 || y >= C);  // never read it
     const bool live = active && !ignored && !bad;
 
-    // Pass 1: softmax statistics; the first kItems chunks stay in registers.
+    // Pass 1: softmax statistics; the first kItems chunks stay in registers, all loaded before
+    // the first is used (their latencies overlap).
     A cache[kItems][VEC];
     SoftmaxState<A> st{-INFINITY, A(0), A(0)};
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const int64_t base = (static_cast<int64_t>(i) * TPR + lane) * VEC;
-      if (active && base < C) {
-        load_chunk<T, VEC>(row, base, C, p.vectorized, cache[i]);
-        update_state(st, cache[i], base, C);
-      }
+      if (active && base < C) load_chunk<T, VEC>(row, base, C, p.vectorized, cache[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t base = (static_cast<int64_t>(i) * TPR + lane) * VEC;
+      if (active && base < C) update_state(st, cache[i], base, C);
     }
     for (int64_t base = (static_cast<int64_t>(kItems) * TPR + lane) * VEC; active && base < C;
          base += static_cast<int64_t>(TPR) * VEC) {
