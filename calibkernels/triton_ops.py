@@ -65,12 +65,16 @@ _DEVICE_TABLES = WeakIdKeyDictionary()
 _CAPTURED_TABLES = {}
 
 
+def _tracing():
+    """Whether this call is being traced (a dispatch mode such as FakeTensorMode, or dynamo)."""
+    return _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+
+
 def _table_on(gamma, device):
     """The gamma table on `device`, where the kernels read it (asynchronous: no host sync)."""
     if gamma.device == device:
         return gamma
-    if type(gamma) is not torch.Tensor or gamma.is_inference() or \
-            _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+    if type(gamma) is not torch.Tensor or gamma.is_inference() or _tracing():
         # traced (a graph op, never a cached tensor), or a table without a version counter
         return gamma.to(device, non_blocking=True)
     copies = _DEVICE_TABLES.setdefault(gamma, {})
@@ -203,7 +207,7 @@ def _launch_backward(out, grad_output, input, target, weight, gamma, stats, igno
     if n == 0:
         return
     go = grad_output.reshape(-1)  # read in its dtype and stride by the kernel: no copy
-    if _get_current_dispatch_mode() is not None or torch.compiler.is_compiling():
+    if _tracing():
         go = go.contiguous()  # traced: the stride seen now need not be the one that runs
     dense = prob or label_smoothing > 0
     rows, block, _, warps = focal_layout(n, c, x.dtype, dense)

@@ -1,9 +1,10 @@
-"""The CUDA focal-loss fast path (csrc/cuda/focal_loss_sparse_kernels.cu) and the calibration rows
-kernel (csrc/cuda/calibration_kernels.cu) compile to the code ../shared/design/GPU.md asks for,
+"""The CUDA focal-loss fast path (csrc/cuda/focal_loss_sparse_kernels.cu), the general focal-loss
+kernels (csrc/cuda/focal_loss_kernels.cuh) and the calibration rows kernel
+(csrc/cuda/calibration_kernels.cu) compile to the code ../shared/design/GPU.md asks for,
 checked on this GPU-less machine from ptxas's register report and the sm_90 SASS: every layout's
 logits are loaded (and the gradient stored) 16 bytes at a time, one MUFU.EX2 per element per
 pass, within the instruction budget, no spills in the element passes.
-Needs nvcc (the .cu has no torch headers: it compiles on its own in seconds) and the cuobjdump
+Needs nvcc (the .cu files have no torch headers: each compiles on its own) and the cuobjdump
 that Triton bundles."""
 
 import os
@@ -36,10 +37,10 @@ def cuobjdump():
     return path
 
 
-def compile_cubin(arch, out, source=SOURCE, kernel=KERNEL):
+def compile_cubin(arch, out, source=SOURCE, kernel=KERNEL, flags=()):
     """{(dtype, *template ints): spill bytes} from ptxas -v; the cubin written to out."""
     r = subprocess.run([NVCC, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                        "-Xptxas", "-v", "-cubin", "-o", out, source],
+                        "-Xptxas", "-v", "-cubin", *flags, "-o", out, source],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
     spills, current = {}, None
@@ -54,10 +55,10 @@ def compile_cubin(arch, out, source=SOURCE, kernel=KERNEL):
     return spills
 
 
-def compile_sass(tmp_path_factory, source, kernel):
+def compile_sass(tmp_path_factory, source, kernel, flags=()):
     """(spills, {key: SASS instructions}) of the sm_90 build of source."""
     out = str(tmp_path_factory.mktemp("cubin") / "k90.cubin")
-    spills = compile_cubin(90, out, source, kernel)
+    spills = compile_cubin(90, out, source, kernel, flags)
     sass = subprocess.run([cuobjdump(), "-sass", out], capture_output=True, text=True,
                           check=True).stdout
     kernels = {}
@@ -65,7 +66,7 @@ def compile_sass(tmp_path_factory, source, kernel):
         m = kernel.search(body.split("\n", 1)[0])
         if m:
             kernels[(m.group(1), *map(int, m.groups()[1:]))] = re.findall(
-                r"/\*[0-9a-f]{4}\*/\s+([^;]+);", body)
+                r"/\*[0-9a-f]{4,}\*/\s+([^;]+);", body)
     return spills, kernels
 
 
@@ -119,6 +120,52 @@ def test_sm80_build_has_no_spills(tmp_path):
     # sm_80 has no clusters: those kernels compile to a trap the host never launches
     spills = compile_cubin(80, str(tmp_path / "sparse80.cubin"))
     assert spills and all(v == 0 for v in spills.values()), spills
+
+
+# ---- the general focal-loss kernels: a row's first chunks in registers, the rest streamed ----
+GENERAL_KERNEL = re.compile(r"focal_loss_((?:forward|backward)_kernelI(?:f|13__nv_bfloat16))f"
+                            r"Lb([01])ELi(\d+)E")
+GENERAL_TPR = (4, 8, 16, 32, 256, 512)
+GENERAL_ITEMS = 4  # kItems: cached 16-byte chunks a thread
+
+
+@pytest.fixture(scope="module")
+def general90(tmp_path_factory):
+    # Only the kernels gated here (the whole 16-bit build takes minutes): fp32 with and without a
+    # dense target, bf16 without one (class indices: unaligned rows, sm_80's long rows).
+    variants = [(t, d) for t in ("float", "__nv_bfloat16") for d in ("true", "false")
+                if not (t == "__nv_bfloat16" and d == "true")]
+    lines = ['#include "focal_loss_kernels.cuh"', "namespace calibkernels::general {"]
+    lines += [f"template __global__ void focal_loss_{phase}_kernel<{t}, float, {d}, {tpr}>"
+              "(const FocalLossLaunch);"
+              for t, d in variants for tpr in GENERAL_TPR for phase in ("forward", "backward")]
+    source = tmp_path_factory.mktemp("general") / "general.cu"
+    source.write_text("\n".join(lines + ["}"]) + "\n")
+    return compile_sass(tmp_path_factory, str(source), GENERAL_KERNEL,
+                        flags=("-I", os.path.join(ROOT, "csrc", "cuda")))
+
+
+def test_general_kernels_spills_and_16_byte_accesses(general90):
+    spills, kernels = general90
+    assert len(kernels) == 3 * 2 * len(GENERAL_TPR) == len(spills)
+    for (name, dense, tpr), ins in kernels.items():
+        what = f"{name} dense={dense} tpr={tpr}"
+        count = lambda pat: sum(1 for i in ins if re.search(pat, i))  # noqa: E731
+        local = count(r"^(@!?U?P\d )?(LDL|STL)\b")
+        if name.startswith("forward") and "bfloat16" in name and tpr <= 32:
+            # ptxas holds these at 80 registers: a few row scalars go to local memory, once a
+            # row (10 accesses when written); the cached logits alone would be 32 or more
+            assert spills[(name, dense, tpr)] <= 40 and local <= 12, (what, local)
+        else:
+            assert spills[(name, dense, tpr)] == 0 and local == 0, (what, local)
+        # 16-byte loads and stores (rows not 16-byte aligned take element accesses beside them):
+        # the forward's cached chunks, then one a pass over the rest of a long row (statistics
+        # and gradient; with a dense target also p_sel's and the sums'); the backward's one.
+        if name.startswith("forward"):
+            loads, stores = GENERAL_ITEMS + (4 if dense else 2), GENERAL_ITEMS + 1
+        else:
+            loads, stores = 1, 1
+        assert count(r"\bLDG\.E\.128\b") == loads and count(r"\bSTG\.E\.128\b") == stores, what
 
 
 # ---- the calibration rows kernel: a row in registers, read once ----

@@ -214,14 +214,7 @@ __global__ void __launch_bounds__(32 * kRowWarps)
     RowState<A> st{-INFINITY, A(0), A(0), A(0), C, false};
     for (int64_t base = static_cast<int64_t>(lane) * VEC; base < C; base += 32 * VEC) {
       A v[VEC];
-      if (p.vectorized) {
-        const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(row + base);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = to_math(pk.v[k]);
-      } else {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) v[k] = base + k < C ? to_math(row[base + k]) : A(0);
-      }
+      load_chunk<T, VEC>(row, base, C, p.vectorized, v);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const int64_t c = base + k;

@@ -1,10 +1,12 @@
-// Device helpers shared by the CUDA kernels: the math type of each dtype, conversions, and a
-// 16-byte pack for vectorized loads and stores.
+// Device helpers shared by the CUDA kernels: the math type of each dtype, conversions, a 16-byte
+// pack for vectorized loads and stores, and a chunk of a row loaded through it.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #include "dtype.h"
 
@@ -41,6 +43,24 @@ template <typename T, int VEC>
 struct alignas(16) Pack {
   T v[VEC];
 };
+
+// Loads the VEC values at [base, base + VEC) of a row: one 16-byte load where every row starts
+// 16-byte aligned (then C % VEC == 0: a chunk that starts in the row ends in it), else element by
+// element, with 0 past the row's end.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t base, int64_t C,
+                                           bool vectorized,
+                                           typename MathType<T>::type (&v)[VEC]) {
+  using A = typename MathType<T>::type;
+  if (vectorized) {
+    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(row + base);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = to_math(pk.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = base + k < C ? to_math(row[base + k]) : A(0);
+  }
+}
 
 // Calls launch(T{}) with T the storage type of dtype: one switch for every launcher.
 template <typename F>

@@ -1,4 +1,4 @@
-// Device code shared by the CUDA focal-loss row kernels (focal_loss_kernels.cu, the general one,
+// Device code shared by the CUDA focal-loss row kernels (focal_loss_kernels.cuh, the general one,
 // and focal_loss_sparse_kernels.cu, the class-index fast path): gamma from the launch's schedule,
 // one value stored in the loss's dtype, and the deterministic sum of the reduced loss.
 #pragma once

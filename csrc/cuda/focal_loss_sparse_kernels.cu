@@ -8,7 +8,7 @@
 // whose CTAs exchange their partial results through distributed shared memory and merge them in
 // rank order (the same bits in every CTA: deterministic). Every other case (probability
 // targets, smoothing, float64, rows not 16-byte aligned, no clusters for a long row) is
-// focal_loss_kernels.cu's, which also runs the gradient phase from the RowStats written here.
+// focal_loss_kernels.cuh's, which also runs the gradient phase from the RowStats written here.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
