@@ -9,9 +9,11 @@
 # kernels in bench/profile_case.py, one shape per class of row length, to logs/ncu.txt and a
 # digest in summary.txt). The bench stage times every step as called and replayed from a CUDA
 # graph (BENCH_ARGS=--no-graph halves it).
-# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, LINEAR_S, PROFILE_S) so that one call
-# ends inside the device tool's 10 minutes with its results written. Logs go to OUT_DIR/logs.tar.gz
-# (the device tool returns at most 8 files); summary.txt and the benchmark tables stay beside it.
+# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, LINEAR_S, PROFILE_S),
+# cut to what is left of TOTAL_S (default 560) for the whole call, so that one call ends inside the
+# device tool's 10 minutes with its results written; a stage with under 30 s left is skipped.
+# Logs go to OUT_DIR/logs.tar.gz (the device tool returns at most 8 files); summary.txt and the
+# benchmark tables stay beside it.
 # Copy OUT_DIR to bench/results/<date>-<gpu>/ and commit it.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bash bench/gpu_suite.sh OUT_DIR [build tests memcheck bench]}")
@@ -22,8 +24,16 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
 status=0
+deadline=$(( $(date +%s) + ${TOTAL_S:-560} - 15 ))  # 15 s kept for the tar at the end
 has() { [[ " $stages " == *" $1 "* ]]; }
 stage() { echo "== $1 ($(date +%T))" | tee -a "$out/summary.txt"; }
+# limit SECONDS: the stage's limit, cut to the time left before the deadline
+limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? left : $1 )); }
+# room STAGE: true if the stage has 30 s or more, else it is skipped (noted in the summary)
+room() {
+  (( $(limit 30) >= 30 )) && return 0
+  echo "== $1 skipped: no time left in TOTAL_S" | tee -a "$out/summary.txt"; status=1; return 1
+}
 
 # Wheels the image lacks (liger-kernel, expecttest) may travel in .whl/ (git-ignored, carried).
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,56 +42,60 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-if has build; then
+if has build && room build; then
   stage build
   nvidia-smi >"$out/logs/nvidia-smi.txt" 2>&1
-  if ! timeout "${BUILD_S:-300}" $PY -m pip install --no-build-isolation --no-deps -e . \
+  if ! timeout "$(limit "${BUILD_S:-300}")" $PY -m pip install --no-build-isolation --no-deps -e . \
       >"$out/logs/build.log" 2>&1; then
     tail -40 "$out/logs/build.log"; echo "build failed" | tee -a "$out/summary.txt"; status=1
     stages=""
   fi
 fi
 
-if has tests; then
+if has tests && room tests; then
   stage tests
-  timeout "${TESTS_S:-300}" $PY -m pytest tests -q -p no:cacheprovider -rfEs -n "${TEST_WORKERS:-8}" \
-    --durations=10 --junitxml="$out/logs/tests.xml" >"$out/logs/tests.log" 2>&1 || status=1
-  grep -E "^(FAILED|ERROR)" "$out/logs/tests.log" | head -40 | tee -a "$out/summary.txt"
+  # -v: each result is logged as it comes, so a stage cut short still names its failures
+  timeout "$(limit "${TESTS_S:-300}")" $PY -m pytest tests -v -p no:cacheprovider -rfEs \
+    -n "${TEST_WORKERS:-8}" --durations=10 --junitxml="$out/logs/tests.xml" \
+    >"$out/logs/tests.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$out/logs/tests.log" | sort -u | head -40 \
+    | tee -a "$out/summary.txt"
   tail -1 "$out/logs/tests.log" | tee -a "$out/summary.txt"
 fi
 
-if has memcheck; then
+if has memcheck && room memcheck; then
   stage memcheck
-  timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool memcheck --error-exitcode 3 \
+  timeout "$(limit "${MEMCHECK_S:-180}")" compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY bench/memcheck_case.py >"$out/logs/memcheck.log" 2>&1 || status=1
   tail -3 "$out/logs/memcheck.log" | tee -a "$out/summary.txt"
   for tool in racecheck synccheck; do  # the cluster and shared-memory reductions of the fast path
-    timeout "${MEMCHECK_S:-180}" compute-sanitizer --tool $tool --error-exitcode 3 \
+    room $tool || break
+    timeout "$(limit "${MEMCHECK_S:-180}")" compute-sanitizer --tool $tool --error-exitcode 3 \
       $PY bench/memcheck_case.py sparse >"$out/logs/$tool.log" 2>&1 || status=1
     echo "$tool: $(tail -1 "$out/logs/$tool.log")" | tee -a "$out/summary.txt"
   done
 fi
 
-if has bench; then
+if has bench && room bench; then
   stage bench
-  timeout "${BENCH_S:-420}" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
+  timeout "$(limit "${BENCH_S:-420}")" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
     >"$out/logs/bench.log" 2>&1 || status=1
   tail -5 "$out/logs/bench.log" | tee -a "$out/summary.txt"
 fi
 
-if has linear; then
+if has linear && room linear; then
   stage linear
-  timeout "${LINEAR_S:-300}" $PY bench/linear_focal_loss.py --device cuda --dtype bfloat16 \
+  timeout "$(limit "${LINEAR_S:-300}")" $PY bench/linear_focal_loss.py --device cuda --dtype bfloat16 \
     --gamma 0 --n 8192 --h 4096 --v 128256 --rounds 10 \
     --paths eager,compile,linear_focal_loss,liger >"$out/linear_focal_loss.txt" 2>&1 || status=1
   tee -a "$out/summary.txt" <"$out/linear_focal_loss.txt"
 fi
 
-if has profile; then
+if has profile && room profile; then
   stage profile
   # --clock-control none: measure the card as found (never change its clocks).
   # The warm-up launches at N = 64 are profiled too (cheap); the digest lists every launch.
-  timeout "${PROFILE_S:-400}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+  timeout "$(limit "${PROFILE_S:-400}")" ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section InstructionStats --kernel-name regex:'focal_loss|calibration' --launch-count 400 \
     $PY bench/profile_case.py >"$out/logs/ncu.txt" 2>&1 || status=1
