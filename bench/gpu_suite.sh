@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite on a bare GPU machine: build the extension, run every test (the `cuda`-marked ones
 # included), compute-sanitizer memcheck on small cases (racecheck and synccheck on the CUDA fast
-# path), then the benchmarks.
+# path and the calibration kernels), then the benchmarks.
 #   bash bench/gpu_suite.sh OUT_DIR [STAGE ...]
 # STAGE: build tests memcheck bench (the default: all four), linear (bench/linear_focal_loss.py at
 # 8192 tokens, H = 4096, V = 128256, bf16, gamma = 0 against eager, torch.compile and Liger's fused
@@ -68,7 +68,7 @@ if has memcheck && room memcheck; then
   timeout "$(limit "${MEMCHECK_S:-180}")" compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY bench/memcheck_case.py >"$out/logs/memcheck.log" 2>&1 || status=1
   tail -3 "$out/logs/memcheck.log" | tee -a "$out/summary.txt"
-  for tool in racecheck synccheck; do  # the cluster and shared-memory reductions of the fast path
+  for tool in racecheck synccheck; do  # the fast path's cluster and shared-memory reductions, tickets
     room $tool || break
     timeout "$(limit "${MEMCHECK_S:-180}")" compute-sanitizer --tool $tool --error-exitcode 3 \
       $PY bench/memcheck_case.py sparse >"$out/logs/$tool.log" 2>&1 || status=1

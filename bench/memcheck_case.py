@@ -2,7 +2,8 @@
 backends, rows that are not a multiple of the vector width, ignored and out-of-range targets,
 probability targets, a gamma table on the device, and each backward phase; the vocabulary-window
 phases, scale_unless_one_, the calibration report and sweep, and the fused linear + focal loss;
-first the CUDA class-index fast path at each of its layouts (alone with the argument `sparse`)."""
+first the CUDA class-index fast path at each of its layouts and the calibration kernels'
+ticket (alone with the argument `sparse`)."""
 
 import sys
 
@@ -13,20 +14,30 @@ import calibkernels as ck
 
 def sparse_cases():
     """The CUDA class-index fast path at each of its layouts (rows a warp, rows a block, a row a
-    block, a row a cluster of 2, 4, 8 CTAs): also run under racecheck and synccheck
-    (`python bench/memcheck_case.py sparse`)."""
+    block, a row a cluster of 2, 4, 8 CTAs), rows that start 16-byte aligned and rows that share
+    their first and last chunks with their neighbours (an odd C, an odd N: the tensor's last chunk
+    ends past it); then the calibration rows and top kernels (the last block's ticket). Also run
+    under racecheck and synccheck (`python bench/memcheck_case.py sparse`)."""
     op = torch.ops.calibkernels.focal_loss_forward
     for dtype in [torch.float32, torch.bfloat16]:
         vec = 16 // torch.tensor([], dtype=dtype).element_size()
         for chunks in [1, 5, 33, 129, 1025, 2049, 4097, 8193, 16385]:
-            c = chunks * vec
-            x = torch.randn(5, c, device="cuda", dtype=dtype)
-            t = torch.randint(0, c, (5,), device="cuda")
-            t[1], t[3] = -100, c  # ignored, out of range
-            w = torch.rand(c, device="cuda", dtype=dtype)
-            for reduction in ["none", "mean"]:
-                op(x, t, w, torch.tensor([3.0], dtype=torch.float64), -100, 0.0, reduction, True)
+            for c in [chunks * vec, (chunks - 1) * vec + 1]:
+                x = torch.randn(5, c, device="cuda", dtype=dtype)
+                t = torch.randint(0, c, (5,), device="cuda")
+                t[1], t[3] = -100, c  # ignored, out of range
+                w = torch.rand(c, device="cuda", dtype=dtype)
+                for reduction in ["none", "mean"]:
+                    op(x, t, w, torch.tensor([3.0], dtype=torch.float64), -100, 0.0, reduction,
+                       True)
         print("sparse", dtype, flush=True)
+    for c in [10, 1000, 5003]:
+        x = torch.randn(3000, c, device="cuda")  # 3 blocks of the top kernel
+        t = torch.randint(0, c, (3000,), device="cuda")
+        t[5] = -100
+        ck.calibration_bins(x, t, 15, backend="cuda")
+        ck.calibration_bins(x, t, 15, from_logits=None, backend="cuda")
+    print("calibration", flush=True)
 
 
 sparse_cases()

@@ -6,7 +6,8 @@ Each chunk: logits_c = h_c @ W^T (+ b); the fused focal kernel gives their loss 
 one pass; grad_h_c = g_c @ W, and grad_W, grad_b are accumulated (in float32 for 16-bit inputs).
 The gradients come from the forward, so backward only applies grad_output: nothing when it is 1
 (decided on the device on CUDA, without a host sync), one pass over the (N + V) x H gradients
-otherwise. reduction="none" cannot fold a per-row grad_output into the accumulated grad_W, so
+otherwise. In float16 the mean's 1 / N is applied to the hidden gradient together with
+grad_output (a loss scale), never before it: that is one pass over N x H in every backward. reduction="none" cannot fold a per-row grad_output into the accumulated grad_W, so
 there the backward recomputes each chunk's logits with grad_output applied (twice the matmuls).
 """
 
@@ -86,12 +87,15 @@ class _LinearFocalLoss(torch.autograd.Function):
             ctx.options = (ignore_index, eps, chunk, kernel, acc)
             return loss_rows.to(hidden.dtype)
         total = loss_rows.sum(dtype=torch.float64)
+        ctx.hidden_scale = None
         if reduction == "mean":
             total = total / kept  # 0 / 0 = NaN when every target is ignored, as torch
             inv = 1.0 / kept.clamp_min(1).to(acc)
-            for g in grads:
+            for g in grads[1:] if hidden.dtype == torch.float16 else grads:
                 if g is not None:
                     g.mul_(inv)
+            # float16: 1 / N waits for grad_output (a loss scale), or the values underflow
+            ctx.hidden_scale = inv if hidden.dtype == torch.float16 else None
         ctx.grads = grads
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total.to(hidden.dtype)
@@ -106,8 +110,12 @@ class _LinearFocalLoss(torch.autograd.Function):
             return _LinearFocalLoss._recompute(ctx, grad_output)
         grad_hidden, grad_weight, grad_bias = ctx.grads
         del ctx.grads  # handed out once (retain_graph: a second backward has nothing to give)
-        for g in (grad_hidden, grad_weight, grad_bias):
+        for g in (grad_weight, grad_bias):
             _scale_unless_one(g, grad_output)
+        if ctx.hidden_scale is not None:  # float32: the scale and 1 / N meet before rounding
+            _scale_unless_one(grad_hidden, grad_output.float() * ctx.hidden_scale)
+        else:
+            _scale_unless_one(grad_hidden, grad_output)
         w_dtype, b_dtype = ctx.dtypes
         return (grad_hidden, None if grad_weight is None else grad_weight.to(w_dtype), None,
                 None if grad_bias is None else grad_bias.to(b_dtype),

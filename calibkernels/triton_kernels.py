@@ -683,8 +683,11 @@ def calibration_sweep_rows_kernel(X, TARGET, TEMPS, CONF, NLL, CORRECT, n_classe
     z_y = (tl.load(x_row + y_safe).to(MATH_T) - m) * inv_t
     s = other + tl.exp(z_y)
     out = row * n_temps + ts
-    tl.store(CONF + out, 1.0 / s, mask=tmask)
-    tl.store(NLL + out, tl.where(z_y == 0.0, _log1p(other), tl.log(s) - z_y), mask=tmask)
+    # a target out of range: NaN in both (they read column 0 and would be wrong, silently)
+    valid = (y == ignore_index) | ((y >= 0) & (y < n_classes))
+    tl.store(CONF + out, tl.where(valid, 1.0 / s, float("nan")), mask=tmask)
+    nll = tl.where(z_y == 0.0, _log1p(other), tl.log(s) - z_y)
+    tl.store(NLL + out, tl.where(valid, nll, float("nan")), mask=tmask)
     tl.store(CORRECT + row, idx == y)
 
 

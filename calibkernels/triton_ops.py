@@ -4,6 +4,7 @@ backend="triton", and calibration_bins_triton. triton_ops, so that torch.compile
 kernels. Imported on first use (calibkernels.ops.load_triton): importing triton takes seconds.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -68,6 +69,20 @@ _CAPTURED_TABLES = {}
 def _tracing():
     """Whether this call is being traced (a dispatch mode such as FakeTensorMode, or dynamo)."""
     return _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+
+
+def _on_tensor_device(op):
+    """Runs op with its first CUDA tensor argument's device current: Triton launches on the
+    current device, whatever the tensors' (compiled code sets the device itself)."""
+    @functools.wraps(op)
+    def run(*args, **kwargs):
+        if not _tracing():
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.is_cuda:
+                    with torch.cuda.device(a.device):
+                        return op(*args, **kwargs)
+        return op(*args, **kwargs)
+    return run
 
 
 def _table_on(gamma, device):
@@ -145,6 +160,7 @@ def calibration_layout(n, c, dtype):
 
 
 @triton_op("calibkernels::focal_loss_forward_triton", mutates_args=())
+@_on_tensor_device
 def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
                               weight: Optional[torch.Tensor], gamma: torch.Tensor,
                               ignore_index: int, label_smoothing: float, reduction: str,
@@ -219,6 +235,7 @@ def _launch_backward(out, grad_output, input, target, weight, gamma, stats, igno
 
 
 @triton_op("calibkernels::focal_loss_backward_triton", mutates_args=())
+@_on_tensor_device
 def focal_loss_backward_triton(grad_output: torch.Tensor, input: torch.Tensor,
                                target: torch.Tensor, weight: Optional[torch.Tensor],
                                gamma: torch.Tensor, stats: torch.Tensor, ignore_index: int,
@@ -231,6 +248,7 @@ def focal_loss_backward_triton(grad_output: torch.Tensor, input: torch.Tensor,
 
 
 @torch.library.custom_op("calibkernels::focal_loss_backward_triton_", mutates_args=("grad",))
+@_on_tensor_device
 def focal_loss_backward_triton_(grad: torch.Tensor, grad_output: torch.Tensor,
                                 input: torch.Tensor, target: torch.Tensor,
                                 weight: Optional[torch.Tensor], gamma: torch.Tensor,
@@ -281,6 +299,7 @@ def _classwise(x, t, samples, beta, from_logits, ignore_index):
 
 
 @triton_op("calibkernels::calibration_bins_triton", mutates_args=())
+@_on_tensor_device
 def calibration_bins_triton(
         input: torch.Tensor, target: torch.Tensor, boundaries: torch.Tensor, mode: int,
         ignore_index: int, classwise: bool, per_sample: bool
@@ -345,6 +364,7 @@ def calibration_bins_triton(
 
 
 @triton_op("calibkernels::calibration_sweep_triton", mutates_args=())
+@_on_tensor_device
 def calibration_sweep_triton(logits: torch.Tensor, target: torch.Tensor,
                              temperatures: torch.Tensor, boundaries: torch.Tensor,
                              ignore_index: int

@@ -124,6 +124,9 @@ def test_gpu_report_and_sweep_match_cpu(backend, dtype):
     cpu = ck.calibration_sweep(x, t, temps)
     torch.testing.assert_close(gpu["nll"].cpu(), cpu["nll"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gpu["ece"].cpu(), cpu["ece"], rtol=1e-3, atol=1e-4)
+    t[7] = 100  # out of range: the CPU raises, the GPU gives NaN (never column 0's NLL)
+    bad = ck.calibration_sweep(x.cuda(), t.cuda(), temps[:3], backend=backend)
+    assert bad["nll"].isnan().all() and bad["ece"].isnan().all()
 
 
 # Row lengths at every edge of the CUDA rows kernel's layouts (in 16-byte chunks: 1-4, 5-8, 9-16,

@@ -94,6 +94,15 @@ def test_triton_sweep_matches_cpp():
     torch.testing.assert_close(ours["ece"].cpu(), cpp["ece"], rtol=1e-4, atol=1e-5)
 
 
+def test_triton_sweep_poisons_an_out_of_range_target():
+    # the C++ CPU kernel raises; the GPU kernels give NaN (never a number read from column 0)
+    x, t = _data(40, 13, dtype=torch.float32, seed=7, ignore=True)
+    for bad in [13, -7]:
+        t[3] = bad
+        ours = ck.calibration_sweep(x.to(DEVICE), t.to(DEVICE), [0.5, 1.0], backend="triton")
+        assert ours["nll"].isnan().all() and ours["ece"].isnan().all(), bad
+
+
 @pytest.mark.parametrize("n_bins", [1, 15, 300])
 def test_triton_top_state_in_one_launch_matches_cpp(n_bins):
     # the last program sums every chunk's partials (300 bins: 16-row chunks, two a step of its

@@ -1,6 +1,7 @@
 """Both GPU backends (CUDA C++ and Triton) against the reference, on a GPU (marked `cuda`)."""
 
 import itertools
+import re
 from functools import partial
 
 import pytest
@@ -345,53 +346,75 @@ def test_gpu_reduced_loss_in_the_row_kernel(n, c):
 # (<= 4096), a row a cluster of 2, 4 or 8 CTAs on sm_90 (<= 32768), and beyond, the general kernel.
 SPARSE_CHUNKS = [1, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 513, 1024,
                  1025, 2048, 2049, 4096, 4097, 8193, 16384, 32768, 32769]
+# Rows that share their first and last chunks with their neighbours span up to K chunks for
+# C = (K - 1) vec + 1 (odd in every dtype; with N = 37 the tensor's last chunk ends past it): at
+# most 4 chunks a thread, a row a block up to 2048, a cluster of 2, 4 or 8 beyond (<= 16384).
+SHARED_CHUNKS = [1, 2, 4, 5, 8, 9, 32, 33, 128, 129, 512, 513, 1024, 1025, 2048, 2049, 4096,
+                 4097, 8192, 8193, 16384, 16385]
+
+
+def _check_sparse_rows(dtype, gamma, c, i):
+    # the stored gradient (grad_output 1: the forward's registers) and the gradient phase from its
+    # row statistics (any other grad_output), with weights, ignored rows, a confident and an
+    # all-equal row, several rows a block and a partly empty last one
+    n = 37 if c <= 8192 else 8  # 8: confident rows 0 and 4, the all-equal row 2 is live
+    reduction = ["none", "mean", "sum"][i % 3]
+    x, t = make_logits(n, c, dtype, seed=i, ignore_index=-100)
+    x, t = x.detach().cuda(), t.cuda()
+    w = (torch.rand(c, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+         + 0.25).to(dtype)
+    kw = dict(weight=w, ignore_index=-100, reduction=reduction)
+    kw64 = dict(kw, weight=w.double())
+    xr = x.clone().requires_grad_()
+    loss = ck.focal_loss(xr, t, gamma=gamma, backend="cuda", **kw)
+    (stored,) = torch.autograd.grad(loss.sum(), xr)
+    x64 = x.double().requires_grad_()
+    truth = reference.focal_loss(x64, t, gamma=gamma, **kw64)
+    (truth_grad,) = torch.autograd.grad(truth.sum(), x64)
+    xe = x.clone().requires_grad_()
+    eager = reference.focal_loss(xe, t, gamma=gamma, **kw)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), xe)
+    assert loss.dtype == dtype and stored.dtype == dtype
+    assert_within_twice_eager(loss, eager, truth, dtype, f"loss C={c}")
+    assert_within_twice_eager(stored, eager_grad, truth_grad, dtype, f"stored grad C={c}")
+    ours = loss_and_grad(partial(ck.focal_loss, backend="cuda"), x, t, gamma, **kw)
+    want = loss_and_grad(reference.focal_loss, x.double(), t, gamma, **kw64)
+    got = loss_and_grad(reference.focal_loss, x, t, gamma, **kw)
+    assert_within_twice_eager(ours[1], got[1], want[1], dtype, f"grad phase C={c}")
+    again = ck.focal_loss(x, t, gamma=gamma, backend="cuda", **kw)
+    assert torch.equal(loss.detach(), again), f"C={c}: not deterministic"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("gamma", [3.0, "flsd-53"], ids=str)
 def test_gpu_sparse_layouts_match_reference(dtype, gamma):
-    # the stored gradient (grad_output 1: the forward's registers) and the gradient phase from its
-    # row statistics (any other grad_output), with weights, ignored rows, a confident and an
-    # all-equal row, several rows a block and a partly empty last one
     vec = 16 // torch.tensor([], dtype=dtype).element_size()
     for i, chunks in enumerate(SPARSE_CHUNKS):
-        c = chunks * vec
-        n = 37 if c <= 8192 else 8  # 8: confident rows 0 and 4, the all-equal row 2 is live
-        reduction = ["none", "mean", "sum"][i % 3]
-        x, t = make_logits(n, c, dtype, seed=i, ignore_index=-100)
-        x, t = x.detach().cuda(), t.cuda()
-        w = (torch.rand(c, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
-             + 0.25).to(dtype)
-        kw = dict(weight=w, ignore_index=-100, reduction=reduction)
-        kw64 = dict(kw, weight=w.double())
-        xr = x.clone().requires_grad_()
-        loss = ck.focal_loss(xr, t, gamma=gamma, backend="cuda", **kw)
-        (stored,) = torch.autograd.grad(loss.sum(), xr)
-        x64 = x.double().requires_grad_()
-        truth = reference.focal_loss(x64, t, gamma=gamma, **kw64)
-        (truth_grad,) = torch.autograd.grad(truth.sum(), x64)
-        xe = x.clone().requires_grad_()
-        eager = reference.focal_loss(xe, t, gamma=gamma, **kw)
-        (eager_grad,) = torch.autograd.grad(eager.sum(), xe)
-        assert loss.dtype == dtype and stored.dtype == dtype
-        assert_within_twice_eager(loss, eager, truth, dtype, f"loss C={c}")
-        assert_within_twice_eager(stored, eager_grad, truth_grad, dtype, f"stored grad C={c}")
-        ours = loss_and_grad(partial(ck.focal_loss, backend="cuda"), x, t, gamma, **kw)
-        want = loss_and_grad(reference.focal_loss, x.double(), t, gamma, **kw64)
-        got = loss_and_grad(reference.focal_loss, x, t, gamma, **kw)
-        assert_within_twice_eager(ours[1], got[1], want[1], dtype, f"grad phase C={c}")
-        again = ck.focal_loss(x, t, gamma=gamma, backend="cuda", **kw)
-        assert torch.equal(loss.detach(), again), f"C={c}: not deterministic"
+        _check_sparse_rows(dtype, gamma, chunks * vec, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gamma", [3.0, "flsd-53"], ids=str)
+def test_gpu_sparse_shared_chunk_layouts_match_reference(dtype, gamma):
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    for i, chunks in enumerate(SHARED_CHUNKS):
+        _check_sparse_rows(dtype, gamma, (chunks - 1) * vec + 1, i)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunks", [3, 33, 1025, 4096, 8193, 32768])
-def test_gpu_sparse_bad_and_poisoned_rows(dtype, chunks):
-    # an out-of-range target and a +inf logit make only their rows NaN; an ignored row is 0
-    c = chunks * (16 // torch.tensor([], dtype=dtype).element_size())
-    x, t = make_logits(6, c, dtype, seed=chunks)
+@pytest.mark.parametrize("c_of_vec", [lambda v: 3 * v, lambda v: 33 * v, lambda v: 1025 * v,
+                                      lambda v: 4096 * v, lambda v: 8193 * v,
+                                      lambda v: 32768 * v, lambda v: 1, lambda v: 2 * v + 3,
+                                      lambda v: 1024 * v + 1, lambda v: 6000 * v + 1],
+                         ids=["3", "33", "1025", "4096", "8193", "32768", "1", "2+3", "1024+1",
+                              "6000+1"])
+def test_gpu_sparse_bad_and_poisoned_rows(dtype, c_of_vec):
+    # an out-of-range target and a +inf logit make only their rows NaN; an ignored row is 0; where
+    # rows share chunks, the +inf at both ends of row 3 stays out of rows 2 and 4
+    c = c_of_vec(16 // torch.tensor([], dtype=dtype).element_size())
+    x, t = make_logits(6, c, dtype, seed=c)
     x, t = x.detach().cuda(), t.cuda()
-    t[1], t[2], x[3, 0] = c, -100, float("inf")
+    t[1], t[2], x[3, 0], x[3, -1] = c, -100, float("inf"), float("inf")
     loss, grad, _ = _forward_op("cuda")(x, t, None, _table(2.0), -100, 0.0, "none", True)
     torch.cuda.synchronize()
     nan_rows = [False, True, False, True, False, False]
@@ -399,17 +422,22 @@ def test_gpu_sparse_bad_and_poisoned_rows(dtype, chunks):
     assert grad.isnan().all(dim=1).tolist() == nan_rows
     assert loss[2].item() == 0.0 and not grad[2].any()
     assert torch.isfinite(grad[[0, 4, 5]]).all()
+    assert torch.isfinite(loss[[0, 4, 5]]).all()
 
 
 def test_gpu_fast_path_kernels_are_the_ones_run():
-    # class-index targets without smoothing in 16-byte rows take the fast path (a cluster of CTAs
-    # a row on sm_90); smoothing takes the general kernel
-    cases = [(torch.bfloat16, 1000, 0.0, "sparse"), (torch.float32, 32000, 0.0, "sparse"),
-             (torch.bfloat16, 128256, 0.0, "sparse"), (torch.float32, 1000, 0.1, "general"),
-             (torch.bfloat16, 1001, 0.0, "general")]
-    for dtype, c, smoothing, expected in cases:
+    # class-index targets without smoothing take the fast path (a cluster of CTAs a row on
+    # sm_90), rows that share chunks included; smoothing, or a base that is not 16-byte aligned
+    # (a view one element in), takes the general kernel
+    cases = [(torch.bfloat16, 1000, 0.0, 0, "sparse"), (torch.float32, 32000, 0.0, 0, "sparse"),
+             (torch.bfloat16, 128256, 0.0, 0, "sparse"), (torch.float32, 1000, 0.1, 0, "general"),
+             (torch.bfloat16, 1001, 0.0, 0, "sparse"), (torch.bfloat16, 50257, 0.0, 0, "sparse"),
+             (torch.float32, 10, 0.0, 0, "sparse"), (torch.float32, 1000, 0.0, 1, "general")]
+    for dtype, c, smoothing, offset, expected in cases:
         x, t = make_logits(4, c, dtype, seed=c)
-        x, t = x.detach().cuda(), t.cuda()
+        base = torch.empty(4 * c + offset, dtype=dtype, device="cuda")
+        x = base[offset:].view(4, c).copy_(x.detach())
+        t = t.cuda()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             _forward_op("cuda")(x, t, None, _table(3.0), -100, smoothing, "mean", True)
             torch.cuda.synchronize()
@@ -417,7 +445,26 @@ def test_gpu_fast_path_kernels_are_the_ones_run():
                  if e.device_type == torch.autograd.DeviceType.CUDA and "forward" in e.name]
         assert len(names) == 1, names
         sparse = "focal_loss_sparse_forward_kernel" in names[0]
-        assert sparse == (expected == "sparse"), (dtype, c, names)
-        if sparse and c * x.element_size() > 65536:  # a cluster of CTAs a row where sm_90 allows
-            clustered = ", 512, 8, 1>" not in names[0]
-            assert clustered == (torch.cuda.get_device_capability() >= (9, 0)), names
+        assert sparse == (expected == "sparse"), (dtype, c, offset, names)
+        if sparse:  # a row longer than a CTA's chunks runs on a cluster of CTAs (sm_90)
+            # template arguments: <T, threads a row, chunks a thread, CTAs a row, aligned>
+            tpr, items, cluster = map(int, re.search(r"<[^<>]*?, (\d+), (\d+), (\d+), "
+                                                     r"(?:true|false)>", names[0]).groups())
+            vec = 16 // x.element_size()
+            spans = c // vec if c % vec == 0 else (c + 2 * vec - 2) // vec  # chunks, at most
+            assert (cluster > 1) == (spans > tpr * items), names
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_runs_on_the_tensors_device_not_the_current_one(backend):
+    # Triton launches on the current device: the ops make the tensors' device current
+    x, t = make_logits(64, 1000, torch.float32, seed=4, ignore_index=-100)
+    want = loss_and_grad(partial(ck.focal_loss, backend="cpu"), x, t, 3.0, "mean")
+    with torch.cuda.device(0):
+        got = loss_and_grad(partial(ck.focal_loss, backend=backend), x.detach().to("cuda:1"),
+                            t.to("cuda:1"), 3.0, "mean")
+        p = x.detach().to("cuda:1").softmax(1)
+        ece = ck.ece(p, t.to("cuda:1"), backend=backend)
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ece.cpu(), ck.ece(x.detach().softmax(1), t), rtol=1e-5, atol=1e-7)

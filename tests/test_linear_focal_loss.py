@@ -70,6 +70,36 @@ def test_low_precision_within_twice_eager(dtype, gamma):
         assert_within_twice_eager(a, b, c, dtype, name)
 
 
+def test_float16_under_loss_scaling_within_twice_autocast_cross_entropy():
+    # GradScaler's grad_output on a mean over 65536 tokens, an LM-head-like weight (std 0.02): the
+    # mean's 1 / N must not reach the float16 hidden gradient before the scale does (its values
+    # would be float16 subnormals). The oracle is F.cross_entropy under autocast: float16 logits,
+    # the loss and its gradient in float32, rounded to float16 once with the scale applied.
+    n, h, v = 65536, 16, 50
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, h, generator=g, dtype=torch.float64),
+               torch.randn(v, h, generator=g, dtype=torch.float64) * 0.02,
+               torch.randn(v, generator=g, dtype=torch.float64) * 0.02]
+    target = torch.randint(0, v, (n,), generator=g)
+    target[::7] = -100
+
+    def autocast_ce(hidden, weight, target, bias, gamma):
+        logits = hidden @ weight.T + bias
+        return torch.nn.functional.cross_entropy(logits.float(), target)
+
+    def grads(fn, dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in tensors]
+        loss = fn(*inputs[:2], target, inputs[2], gamma=0.0)
+        return torch.autograd.grad(loss, inputs, torch.tensor(16384.0, dtype=loss.dtype))
+
+    ours = grads(ck.linear_focal_loss, torch.float16)
+    oracle = grads(autocast_ce, torch.float16)
+    truth = grads(eager, torch.float64)
+    for name, a, b, c in zip(["hidden", "weight", "bias"], ours, oracle, truth):
+        assert a.dtype == torch.float16
+        assert_within_twice_eager(a, b, c, torch.float16, name)
+
+
 def test_backward_with_grad_output_one_applies_nothing_and_twice_fails_clearly():
     hidden, weight, bias, target = _case(20, 8, 30, torch.float64, seed=2)
     h = hidden.clone().requires_grad_()

@@ -320,3 +320,21 @@ def test_opcheck_the_phases_over_a_window():
         torch.library.opcheck(torch.ops.calibkernels.focal_loss_window_grad.default,
                               (go, window, t, st, 4, 12, -100, 0.1, reduction))
     assert stats.shape == (9, 4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_scale_unless_one_keeps_a_float64_scale(device):
+    # t *= scale in t's precision (a float64 scale is never rounded to float32 first); exactly 1
+    # leaves t as it is
+    op = torch.ops.calibkernels.scale_unless_one_
+    t = torch.randn(1000, dtype=torch.float64, device=device)
+    want = t * 0.1
+    op(t, torch.tensor(0.1, dtype=torch.float64))
+    assert torch.equal(t, want)
+    before = t.clone()
+    op(t, torch.tensor(1.0, dtype=torch.float64, device=device))
+    assert torch.equal(t, before)
+    h = torch.randn(1000, dtype=torch.bfloat16, device=device)
+    want = (h.float() * 3.0).to(torch.bfloat16)
+    op(h, torch.tensor(3.0, dtype=torch.float64))
+    assert torch.equal(h, want)

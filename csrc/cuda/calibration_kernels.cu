@@ -514,8 +514,11 @@ __global__ void __launch_bounds__(32 * kRowWarps) calibration_sweep_rows_kernel(
       if (lane == 0) {
         const A z_y = z_y_raw * inv_t;
         const A s = other + ck_exp(z_y);
-        conf[r * p.n_temps + k] = kept || y == p.ignore_index ? A(1) / s : A(NAN);
-        nll[r * p.n_temps + k] = z_y == A(0) ? ck_log1p(other) : ck_log(s) - z_y;
+        // a target out of range: NaN in both (its NLL read column 0 and would be wrong, silently)
+        const bool valid = kept || y == p.ignore_index;
+        conf[r * p.n_temps + k] = valid ? A(1) / s : A(NAN);
+        nll[r * p.n_temps + k] =
+            !valid ? A(NAN) : z_y == A(0) ? ck_log1p(other) : ck_log(s) - z_y;
       }
     }
     if (lane == 0) p.correct[r] = idx == y;

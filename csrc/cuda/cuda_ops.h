@@ -24,11 +24,14 @@ inline bool is_kernel_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
+inline bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
 // 16-byte vector loads need every row to start aligned: rows of a multiple of 16 bytes, and an
 // aligned base pointer.
 inline bool rows_aligned16(const at::Tensor& t) {
-  return (t.size(-1) * t.element_size()) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  return (t.size(-1) * t.element_size()) % 16 == 0 && aligned16(t);
 }
 
 }  // namespace calibkernels

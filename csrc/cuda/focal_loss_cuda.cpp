@@ -48,6 +48,7 @@ FocalLossLaunch common_launch(const FocalLossOptions& o, Operands& ops, const at
   p.smoothing = o.label_smoothing;
   p.reduction = to_kind(o.reduction);
   p.vectorized = rows_aligned16(ops.x);
+  p.bases_aligned = aligned16(ops.x);
   return p;
 }
 
@@ -71,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cuda(
   at::Tensor stats = at::empty({compute_grad ? N : 0, kRowStats}, x.options().dtype(acc_type));
   at::Tensor divisor_parts = at::empty({kDivisorParts}, x.options().dtype(at::kDouble));
   p.vectorized = p.vectorized && (!compute_grad || rows_aligned16(grad));  // picks the kernel
+  p.bases_aligned = p.bases_aligned && (!compute_grad || aligned16(grad));
   at::Tensor partials = at::empty({reduced ? focal_loss_row_blocks(p) : 0},
                                   x.options().dtype(at::kDouble));
   at::Tensor ticket = at::empty({reduced ? 1 : 0}, x.options().dtype(at::kInt));
@@ -110,6 +112,7 @@ void run_backward(const at::Tensor& out, const at::Tensor& grad_output, const at
   p.go_stride = go.stride(0);
   p.skip_one = skip_one;
   p.vectorized = p.vectorized && rows_aligned16(out);
+  p.bases_aligned = p.bases_aligned && aligned16(out);
   const cudaError_t err = launch_focal_loss_backward(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "focal_loss_backward: CUDA kernel launch failed: ",
               cudaGetErrorString(err));

@@ -31,6 +31,7 @@ struct FocalLossLaunch {
   double smoothing;
   ReductionKind reduction;
   bool vectorized;  // every row starts 16-byte aligned: n_classes * size % 16 == 0, aligned bases
+  bool bases_aligned;  // logits (and grad, where written) start 16-byte aligned; rows need not
   // forward
   void* loss;       // out_dtype: (n_rows) for ReductionKind::None, else ()
   void* grad;       // (n_rows, n_classes) in dtype, or null

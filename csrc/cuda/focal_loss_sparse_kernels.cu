@@ -6,9 +6,11 @@
 // written once. By row length (sparse_layout): several rows per warp or block for short rows, one
 // row per block up to 64 KB (32768 bf16 classes), and on sm_90 one row per thread-block cluster
 // whose CTAs exchange their partial results through distributed shared memory and merge them in
-// rank order (the same bits in every CTA: deterministic). Every other case (probability
-// targets, smoothing, float64, rows not 16-byte aligned, no clusters for a long row) is
-// focal_loss_kernels.cuh's, which also runs the gradient phase from the RowStats written here.
+// rank order (the same bits in every CTA: deterministic). Rows that are not a multiple of 16
+// bytes are read as the tensor's chunks too, masking the two they share with their neighbours
+// (RowChunks). Every other case (probability targets, smoothing, float64, a base not 16-byte
+// aligned, no clusters for a long row) is focal_loss_kernels.cuh's, which also runs the gradient
+// phase from the RowStats written here.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,7 +26,10 @@
 namespace calibkernels {
 namespace {
 
-constexpr int kClusterThreads = 512, kClusterItems = 8;  // one CTA of a cluster: 64 KB of a row
+// A CTA of a cluster holds 512 threads of 8 chunks (64 KB of a row); 4 chunks (32 KB) where rows
+// share chunks with their neighbours: their masks and element stores need the registers.
+constexpr int kClusterThreads = 512;
+constexpr int cluster_items(bool aligned) { return aligned ? 8 : 4; }
 
 struct Max {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }  // NaN-blind, as max
@@ -73,13 +78,45 @@ __device__ __forceinline__ void cluster_sync_all() {
 #endif
 }
 
-template <typename T, int TPR, int ITEMS, int CLUSTER>
+// -inf in a 16-bit or float storage type: a chunk's elements outside its row never count.
+__device__ __forceinline__ float neg_inf(float) { return -INFINITY; }
+__device__ __forceinline__ __half neg_inf(__half) { return __ushort_as_half(0xfc00u); }
+__device__ __forceinline__ __nv_bfloat16 neg_inf(__nv_bfloat16) {
+  return __ushort_as_bfloat16(0xff80u);
+}
+
+// This thread's 16-byte chunks of a row: the chunks of the tensor that hold any of the row's
+// elements, split over the CTAs of a cluster. A row that is not a multiple of 16 bytes starts
+// `head` elements into its first chunk and may end inside its last; those two chunks are shared
+// with the neighbouring rows (loaded whole, stored element by element).
+template <int VEC, int TPR, int ITEMS, int CLUSTER>
+struct RowChunks {
+  int head;       // elements of the first chunk before the row
+  int first;      // this thread's chunks: first + i TPR (from the row's first chunk), i < ITEMS
+  unsigned mine;  // bit i: chunk i is in the row (and this CTA's part)
+  __device__ __forceinline__ RowChunks(int head_, int C, int rank, int lane) : head(head_) {
+    const int chunks = (head + C + VEC - 1) / VEC;
+    const int per_cta = (chunks + CLUSTER - 1) / CLUSTER;
+    const int chunk0 = rank * per_cta;
+    const int n_local = max(0, min(per_cta, chunks - chunk0));
+    first = chunk0 + lane;
+    mine = 0;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) mine |= (i * TPR + lane < n_local ? 1u : 0u) << i;
+  }
+  // Element k of chunk i is the row's iff lo(i) <= k < lo(i) + C.
+  __device__ __forceinline__ int lo(int i) const { return head - (first + i * TPR) * VEC; }
+};
+
+// ALIGNED: every row starts 16-byte aligned (C a multiple of 16 bytes); else rows share chunks.
+template <typename T, int TPR, int ITEMS, int CLUSTER, bool ALIGNED>
 __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
     focal_loss_sparse_forward_kernel(const FocalLossLaunch p) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int THREADS = threads_of(TPR);
   constexpr int ROWS = THREADS / TPR;  // rows of a block (1 from 256 threads a row)
   using Chunk = Pack<T, VEC>;
+  using Chunks = RowChunks<VEC, TPR, ITEMS, CLUSTER>;
   __shared__ float smem_max[THREADS / 32];
   __shared__ float2 smem_sum[THREADS / 32];
   __shared__ float slot_max;  // this CTA's part of the row, read by the other CTAs of the cluster
@@ -87,16 +124,9 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
   __shared__ double smem_loss[ROWS];
 
   const int C = static_cast<int>(p.n_classes);  // < 2^31 on this path: 32-bit offsets in a row
-  const int chunks = C / VEC;                   // C % VEC == 0 on this path
-  const int per_cta = (chunks + CLUSTER - 1) / CLUSTER;
   const int rank = CLUSTER > 1 ? static_cast<int>(blockIdx.x % CLUSTER) : 0;
-  const int chunk0 = rank * per_cta;
-  const int n_local = max(0, min(per_cta, chunks - chunk0));
   const int lane = threadIdx.x % TPR, group = threadIdx.x / TPR;
-  const int my_chunk = chunk0 + lane;  // this thread's chunks: my_chunk + i TPR, i < ITEMS
-  unsigned mine = 0;                   // bit i: chunk i is in the row (and this CTA's part)
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) mine |= (i * TPR + lane < n_local ? 1u : 0u) << i;
+  const Chunks every_row(0, C, rank, lane);  // ALIGNED: the same chunks in every row
   const float* __restrict__ w = static_cast<const float*>(p.weight);
   const float scale_all =
       p.reduction == ReductionKind::Mean ? 1.0f / static_cast<float>(mean_divisor(p)) : 1.0f;
@@ -115,13 +145,54 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
     const bool bad = !ignored && (y64 < 0 || y64 >= C);  // never read it
     const bool live = active && !ignored && !bad;
     const int y = live ? static_cast<int>(y64) : 0;
-    const T* __restrict__ row = static_cast<const T*>(p.logits) + row_i * p.n_classes;
-    const Chunk* __restrict__ row_chunks = reinterpret_cast<const Chunk*>(row) + my_chunk;
+    const int64_t e0 = row_i * p.n_classes;  // the row's first element in the tensor
+    const T* __restrict__ row = static_cast<const T*>(p.logits) + e0;
+    const Chunks rc = ALIGNED ? every_row : Chunks(static_cast<int>(e0 % VEC), C, rank, lane);
+    const unsigned mine = rc.mine;
+    const Chunk* __restrict__ row_chunks =
+        reinterpret_cast<const Chunk*>(static_cast<const T*>(p.logits) + (e0 - rc.head)) +
+        rc.first;
 
     Chunk x[ITEMS];
+    if constexpr (ALIGNED) {
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      if (active && (mine >> i & 1u)) x[i] = row_chunks[i * TPR];
+      for (int i = 0; i < ITEMS; ++i) {
+        if (active && (mine >> i & 1u)) x[i] = row_chunks[i * TPR];
+      }
+    } else if (e0 + C <= p.n_rows * p.n_classes / VEC * VEC) {  // in the tensor's whole chunks
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        if (active && (mine >> i & 1u)) x[i] = row_chunks[i * TPR];
+      }
+    } else {  // a row in the tensor's last chunk, which ends past it (N C % VEC != 0): elements
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const T* e = reinterpret_cast<const T*>(row_chunks + i * TPR);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          if (active && (mine >> i & 1u)) x[i].v[k] = k < rc.lo(i) + C ? e[k] : neg_inf(T{});
+        }
+      }
+    }
+    // Bit i: chunk i is shared with a neighbouring row; its elements outside this row are -inf
+    // (they never count) and are not stored.
+    unsigned shared = 0;
+    if constexpr (!ALIGNED) {
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int lo = rc.lo(i);
+        shared |= ((mine >> i & 1u) && (lo > 0 || lo + C < VEC) ? 1u : 0u) << i;
+      }
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i) {
+        const int lo = rc.lo(i);
+        if (active && (shared >> i & 1u)) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            if (k < lo || k >= lo + C) x[i].v[k] = neg_inf(T{});
+          }
+        }
+      }
     }
     const float x_y = live ? to_math(row[y]) : 0.0f;
 
@@ -176,8 +247,20 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
 
     // The gradient for grad_output = 1 from the registers: c p_j, then the true class.
     if (p.grad != nullptr && active) {
-      T* grow = static_cast<T*>(p.grad) + row_i * p.n_classes;  // no __restrict__: y is
-      Chunk* grad_chunks = reinterpret_cast<Chunk*>(grow) + my_chunk;  // stored through both
+      T* grow = static_cast<T*>(p.grad) + e0;  // no __restrict__: y is stored through both
+      Chunk* grad_chunks = reinterpret_cast<Chunk*>(grow - rc.head) + rc.first;
+      const auto store = [&](int i, const Chunk& g) {
+        if (ALIGNED || !(shared >> i & 1u)) {
+          grad_chunks[i * TPR] = g;
+        } else {  // only this row's elements
+          const int lo = rc.lo(i);
+          T* e = reinterpret_cast<T*>(grad_chunks + i * TPR);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            if (k >= lo && k < lo + C) e[k] = g.v[k];
+          }
+        }
+      };
       if (live) {
         const float coef = S * scale / s;
 #pragma unroll
@@ -188,13 +271,13 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
             for (int k = 0; k < VEC; ++k) {
               g.v[k] = from_math<T>(ck_exp(to_math(x[i].v[k]) - m) * coef);
             }
-            grad_chunks[i * TPR] = g;
+            store(i, g);
           }
         }
         // The thread that wrote y's chunk overwrites y (program order keeps its store last).
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-          if ((mine >> i & 1u) && static_cast<unsigned>(y - (my_chunk + i * TPR) * VEC) < VEC) {
+          if ((mine >> i & 1u) && static_cast<unsigned>(y + rc.lo(i)) < VEC) {
             grow[y] = from_math<T>(g_y * scale);
           }
         }
@@ -204,7 +287,7 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
         for (int k = 0; k < VEC; ++k) g.v[k] = from_math<T>(bad ? NAN : 0.0f);
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-          if (mine >> i & 1u) grad_chunks[i * TPR] = g;
+          if (mine >> i & 1u) store(i, g);
         }
       }
     }
@@ -241,7 +324,7 @@ cudaLaunchConfig_t cluster_config(unsigned grid, int cluster, cudaStream_t strea
 // Whether this device runs the cluster kernel of T and CLUSTER: cluster launch supported, the
 // kernel's code built for sm_90 or later (an sm_80-only build has no clusters), and a cluster
 // fits on the device. Asked once per device (host-side queries, no synchronisation).
-template <typename T, int CLUSTER>
+template <typename T, int CLUSTER, bool ALIGNED>
 bool cluster_ready() {
   constexpr int kDevices = 64;
   static std::atomic<signed char> known[kDevices];  // 0: not asked yet, 1: yes, -1: no
@@ -252,7 +335,9 @@ bool cluster_ready() {
   }
   signed char state = known[dev].load(std::memory_order_relaxed);
   if (state == 0) {
-    auto kernel = focal_loss_sparse_forward_kernel<T, kClusterThreads, kClusterItems, CLUSTER>;
+    auto kernel =
+        focal_loss_sparse_forward_kernel<T, kClusterThreads, cluster_items(ALIGNED), CLUSTER,
+                                         ALIGNED>;
     int supported = 0, clusters = 0;
     cudaFuncAttributes attrs{};
     cudaLaunchAttribute attr;
@@ -274,22 +359,30 @@ bool cluster_ready() {
   return state > 0;
 }
 
-// Threads a row (tpr), 16-byte chunks a thread (items) and CTAs a row (cluster) by row length.
+// Threads a row (tpr), 16-byte chunks a thread (items) and CTAs a row (cluster) by row length:
+// the most chunks a row spans (one more where rows share chunks). Rows that share chunks keep at
+// most 4 a thread (cluster_items).
 template <typename T>
 RowLayout sparse_layout(const FocalLossLaunch& p) {
-  if (p.probs != nullptr || p.target == nullptr || p.smoothing != 0.0 || !p.vectorized ||
+  if (p.probs != nullptr || p.target == nullptr || p.smoothing != 0.0 || !p.bases_aligned ||
       p.n_classes > INT_MAX / 2) {
     return {};
   }
   constexpr int vec = 16 / sizeof(T);
-  const int64_t chunks = p.n_classes / vec;
-  if (chunks <= 4096) return register_row_layout(chunks);  // rows a warp, a block
-  const int cluster = pow2_at_least((chunks + 4095) / 4096);  // a row a cluster (sm_90)
-  bool ready = false;
-  if (cluster == 2) ready = cluster_ready<T, 2>();
-  if (cluster == 4) ready = cluster_ready<T, 4>();
-  if (cluster == 8) ready = cluster_ready<T, 8>();
-  return ready ? RowLayout{kClusterThreads, kClusterItems, cluster} : RowLayout{};
+  const bool aligned = p.vectorized;
+  const int64_t chunks = aligned ? p.n_classes / vec : (p.n_classes + 2 * vec - 2) / vec;
+  const int items = cluster_items(aligned), per_cta = kClusterThreads * items;
+  if (chunks <= per_cta / 2) return register_row_layout(chunks);  // rows a warp, a block
+  const int cluster = pow2_at_least((chunks + per_cta - 1) / per_cta);  // a row a cluster (sm_90)
+  if (cluster == 1) return {kClusterThreads, items, 1};
+  const auto ready = [&](auto a) {
+    constexpr bool A = decltype(a)::value;
+    return cluster == 2 ? cluster_ready<T, 2, A>()
+           : cluster == 4 ? cluster_ready<T, 4, A>()
+           : cluster == 8 && cluster_ready<T, 8, A>();
+  };
+  const bool ok = aligned ? ready(std::true_type{}) : ready(std::false_type{});
+  return ok ? RowLayout{kClusterThreads, items, cluster} : RowLayout{};
 }
 
 template <typename T, int TPR, int ITEMS, int CLUSTER>
@@ -300,20 +393,35 @@ unsigned sparse_grid(const FocalLossLaunch& p) {
   return static_cast<unsigned>(groups * CLUSTER);
 }
 
-// Calls f with the kernel's template arguments for layout l (false if l is not this path).
+// Calls f with the kernel's template arguments (tpr, items, cluster, aligned) for the launch's
+// sparse_layout (false if the launch is not this path's).
 template <typename T, typename F>
-bool with_layout(const RowLayout& l, F&& f) {
+bool with_layout(const FocalLossLaunch& p, F&& f) {
   using std::integral_constant;
   using I1 = integral_constant<int, 1>;
-  using I8 = integral_constant<int, 8>;
   using Big = integral_constant<int, kClusterThreads>;
-  switch (l.cluster) {
-    case 1: return with_register_layout(l, [&](auto tpr, auto items) { f(tpr, items, I1{}); });
-    case 2: return f(Big{}, I8{}, integral_constant<int, 2>{}), true;
-    case 4: return f(Big{}, I8{}, integral_constant<int, 4>{}), true;
-    case 8: return f(Big{}, I8{}, integral_constant<int, 8>{}), true;
-  }
-  return false;
+  const RowLayout l = sparse_layout<T>(p);
+  const auto run = [&](auto aligned) {
+    using Items = integral_constant<int, cluster_items(aligned.value)>;
+    if (l.tpr == kClusterThreads && l.items == Items::value) {
+      switch (l.cluster) {
+        case 1: return f(Big{}, Items{}, I1{}, aligned), true;
+        case 2: return f(Big{}, Items{}, integral_constant<int, 2>{}, aligned), true;
+        case 4: return f(Big{}, Items{}, integral_constant<int, 4>{}, aligned), true;
+        case 8: return f(Big{}, Items{}, integral_constant<int, 8>{}, aligned), true;
+      }
+      return false;
+    }
+    bool launched = false;  // (rows that share chunks: sparse_layout gives at most 4 a thread)
+    with_register_layout(l, [&](auto tpr, auto items) {
+      if constexpr (items.value <= Items::value) {
+        f(tpr, items, I1{}, aligned);
+        launched = true;
+      }
+    });
+    return launched;
+  };
+  return p.vectorized ? run(std::true_type{}) : run(std::false_type{});
 }
 
 template <typename F>
@@ -333,7 +441,7 @@ int64_t focal_loss_sparse_blocks(const FocalLossLaunch& p) {
   int64_t blocks = 0;
   with_sparse_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return with_layout<T>(sparse_layout<T>(p), [&](auto tpr, auto items, auto cluster) {
+    return with_layout<T>(p, [&](auto tpr, auto items, auto cluster, auto) {
       blocks = sparse_grid<T, tpr.value, items.value, cluster.value>(p);
     });
   });
@@ -344,17 +452,16 @@ bool launch_focal_loss_sparse_forward(const FocalLossLaunch& p, cudaStream_t str
                                       cudaError_t* err) {
   return with_sparse_type(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    return with_layout<T>(sparse_layout<T>(p), [&](auto tpr, auto items, auto cluster) {
+    return with_layout<T>(p, [&](auto tpr, auto items, auto cluster, auto aligned) {
       constexpr int TPR = tpr.value, ITEMS = items.value, CLUSTER = cluster.value;
-      auto kernel = focal_loss_sparse_forward_kernel<T, TPR, ITEMS, CLUSTER>;
+      auto kernel = focal_loss_sparse_forward_kernel<T, TPR, ITEMS, CLUSTER, aligned.value>;
       const unsigned grid = sparse_grid<T, TPR, ITEMS, CLUSTER>(p);
       if constexpr (CLUSTER == 1) {
         kernel<<<grid, threads_of(TPR), 0, stream>>>(p);
         *err = cudaGetLastError();
       } else {
         cudaLaunchAttribute attr;
-        const cudaLaunchConfig_t cfg = cluster_config(grid, CLUSTER, stream,
-                                                                        &attr);
+        const cudaLaunchConfig_t cfg = cluster_config(grid, CLUSTER, stream, &attr);
         *err = cudaLaunchKernelEx(&cfg, kernel, p);
       }
     });

@@ -10,7 +10,7 @@
 namespace calibkernels {
 
 // t[0 .. n) *= *scale, unless *scale == 1 (read on the device).
-cudaError_t launch_scale_unless_one(DType dtype, void* t, int64_t n, const float* scale,
+cudaError_t launch_scale_unless_one(DType dtype, void* t, int64_t n, const double* scale,
                                     cudaStream_t stream);
 
 }  // namespace calibkernels

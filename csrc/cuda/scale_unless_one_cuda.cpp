@@ -17,9 +17,9 @@ void scale_unless_one_cuda(const at::Tensor& t, const at::Tensor& scale) {
   TORCH_CHECK_VALUE(t.is_contiguous() && at::isFloatingType(t.scalar_type()),
                     "scale_unless_one_: t must be a contiguous floating tensor");
   c10::cuda::CUDAGuard guard(t.device());
-  const at::Tensor s = scale.to(t.device(), at::kFloat).contiguous();
+  const at::Tensor s = scale.to(t.device(), at::kDouble).contiguous();
   const cudaError_t err = launch_scale_unless_one(to_dtype(t.scalar_type()), t.data_ptr(),
-                                                  t.numel(), s.const_data_ptr<float>(),
+                                                  t.numel(), s.const_data_ptr<double>(),
                                                   c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "scale_unless_one_: CUDA kernel launch failed: ",
               cudaGetErrorString(err));

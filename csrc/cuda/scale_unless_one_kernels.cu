@@ -8,20 +8,22 @@
 namespace calibkernels {
 namespace {
 
+// The scale in float64, applied in t's math type (a float64 t keeps every bit of it).
 template <typename T>
 __global__ void scale_unless_one_kernel(T* __restrict__ t, int64_t n,
-                                        const float* __restrict__ scale) {
-  const float s = *scale;
-  if (s == 1.0f) return;
+                                        const double* __restrict__ scale) {
+  using A = typename MathType<T>::type;
+  if (*scale == 1.0) return;
+  const A s = static_cast<A>(*scale);
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    t[i] = from_math<T>(static_cast<typename MathType<T>::type>(to_math(t[i]) * s));
+    t[i] = from_math<T>(to_math(t[i]) * s);
   }
 }
 
 }  // namespace
 
-cudaError_t launch_scale_unless_one(DType dtype, void* t, int64_t n, const float* scale,
+cudaError_t launch_scale_unless_one(DType dtype, void* t, int64_t n, const double* scale,
                                     cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + 255) / 256;
