@@ -70,7 +70,7 @@ if has memcheck && room memcheck; then
     compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY bench/memcheck_case.py >"$out/logs/memcheck.log" 2>&1 || status=1
   tail -3 "$out/logs/memcheck.log" | tee -a "$out/summary.txt"
-  for tool in racecheck synccheck; do  # the fast path's cluster and shared-memory reductions, tickets
+  for tool in racecheck synccheck; do  # the fast path's cluster reductions, the tickets
     room $tool || break
     timeout "$(limit "${MEMCHECK_S:-180}")" compute-sanitizer --tool $tool --error-exitcode 3 \
       $PY bench/memcheck_case.py sparse >"$out/logs/$tool.log" 2>&1 || status=1

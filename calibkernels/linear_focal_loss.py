@@ -7,8 +7,9 @@ one pass; grad_h_c = g_c @ W, and grad_W, grad_b are accumulated (in float32 for
 The gradients come from the forward, so backward only applies grad_output: nothing when it is 1
 (decided on the device on CUDA, without a host sync), one pass over the (N + V) x H gradients
 otherwise. In float16 the mean's 1 / N is applied to the hidden gradient together with
-grad_output (a loss scale), never before it: that is one pass over N x H in every backward. reduction="none" cannot fold a per-row grad_output into the accumulated grad_W, so
-there the backward recomputes each chunk's logits with grad_output applied (twice the matmuls).
+grad_output (a loss scale), never before it: that is one pass over N x H in every backward.
+reduction="none" cannot fold a per-row grad_output into the accumulated grad_W, so there the
+backward recomputes each chunk's logits with grad_output applied (twice the matmuls).
 """
 
 import math
