@@ -279,12 +279,21 @@ def _check_calibration_args(input, target, boundaries):
         raise ValueError("calibration: boundaries must be float32 of shape (n_bins + 1)")
 
 
+def classwise_layout(c, n_bins):
+    """(classes a program, rows a step) of the classwise kernel: its three (classes, bins)
+    accumulators stay about 512 values (32 classes at 16 bins; 32 at 100 bins spilled 10 KB a
+    thread), with at most 65535 programs over the classes."""
+    nb = triton.next_power_of_2(n_bins)
+    block_k = max(1, min(32, 512 // nb), triton.next_power_of_2(triton.cdiv(c, 65535)))
+    return block_k, max(1, min(16, 1024 // nb))
+
+
 def _classwise(x, t, samples, beta, from_logits, ignore_index):
     n, c = x.shape
     n_bins = beta.numel() - 1
     nb = triton.next_power_of_2(n_bins)
     dev = x.device
-    block_k = 32
+    block_k, block_r = classwise_layout(c, n_bins)
     chunks = max(1, min(triton.cdiv(n, 256), (1 << 22) // (c * n_bins)))
     rows_per_chunk = triton.cdiv(max(n, 1), chunks)
     part = (torch.zeros(chunks, c, n_bins, dtype=torch.int64, device=dev),
@@ -294,7 +303,7 @@ def _classwise(x, t, samples, beta, from_logits, ignore_index):
         wrap_triton(tk.calibration_classwise_partials_kernel)[(chunks, triton.cdiv(c, block_k))](
             x, t, samples, beta, *part, n, c, ignore_index, rows_per_chunk,
             FROM_LOGITS=from_logits, MATH_T=_math_t(samples.dtype), N_BINS=n_bins, NB=nb,
-            BLOCK_R=max(1, min(16, 1024 // nb)), BLOCK_K=block_k)
+            BLOCK_R=block_r, BLOCK_K=block_k)
     return tuple(q.sum(0) for q in part)
 
 

@@ -118,7 +118,8 @@ def focal_layout_gate():
     from triton.compiler import ASTSource
 
     import calibkernels.triton_kernels as tk
-    from calibkernels.triton_ops import _row_align, calibration_layout, focal_layout
+    from calibkernels.triton_ops import (_row_align, calibration_layout, classwise_layout,
+                                         focal_layout)
 
     names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
     seen, failures = set(), []
@@ -196,6 +197,17 @@ def focal_layout_gate():
                   {"FIRST": 0, "READINGS": readings, "N_BINS": n_bins, "NB": nb,
                    "BLOCK_R": max(16, min(1024, 8192 // nb)), "BLOCK_CH": max(1, 1024 // nb)},
                   n_bins, torch.float32, "fp32", f"top{readings}", 1, nb, True, 4, 1)
+    # the classwise bins at the layouts classwise_layout picks (4 warps, as launched)
+    for n_bins in (1, 15, 30, 60, 100, 255, 1000):
+        block_k, block_r = classwise_layout(1000, n_bins)
+        check(tk.calibration_classwise_partials_kernel,
+              {"X": "*fp32", "TARGET": "*i64", "SAMPLES": "*fp32", "BETA": "*fp32",
+               "PART_COUNTS": "*i64", "PART_SUMS": "*fp64", "PART_HITS": "*i64",
+               "n_rows": "i64", "n_classes": "i64", "ignore_index": "i64",
+               "rows_per_chunk": "i64"},
+              {"FROM_LOGITS": True, "MATH_T": tl.float32, "N_BINS": n_bins,
+               "NB": triton.next_power_of_2(n_bins), "BLOCK_R": block_r, "BLOCK_K": block_k},
+              1000, torch.float32, "fp32", f"cw{n_bins}", block_r, block_k, True, 4, 1)
     # the mean's divisor (4 warps) and the final sum (8 warps), as triton_ops launches them
     check(tk.focal_loss_divisor_kernel,
           {"TARGET": "*i64", "WEIGHT": "*fp32", "DIVISOR_PARTS": "*fp64", "n_rows": "i64",
