@@ -16,7 +16,8 @@ def sparse_cases():
     """The CUDA class-index fast path at each of its layouts (rows a warp, rows a block, a row a
     block, a row a cluster of 2, 4, 8 CTAs), rows that start 16-byte aligned and rows that share
     their first and last chunks with their neighbours (an odd C, an odd N: the tensor's last chunk
-    ends past it); then the calibration rows and top kernels (the last block's ticket). Also run
+    ends past it); then the calibration rows and top kernels (the last block's ticket) and the
+    classwise kernel with its bins in shared memory and in the partials. Also run
     under racecheck and synccheck (`python bench/memcheck_case.py sparse`)."""
     op = torch.ops.calibkernels.focal_loss_forward
     for dtype in [torch.float32, torch.bfloat16]:
@@ -37,6 +38,9 @@ def sparse_cases():
         t[5] = -100
         ck.calibration_bins(x, t, 15, backend="cuda")
         ck.calibration_bins(x, t, 15, from_logits=None, backend="cuda")
+        # classwise bins in shared memory (96) and in the partials (97 and up)
+        for n_bins in (96, 97, 300) if c <= 1000 else ():
+            ck.calibration_bins(x, t, n_bins, classwise=True, backend="cuda")
     print("calibration", flush=True)
 
 

@@ -12,6 +12,9 @@ import torch
 from . import ops
 
 NORMS = ("l1", "max", "l2")
+# The Triton kernels hold the bins as register tiles: 1024 bins compile without spilling on
+# sm_90, 4096 spill 35 KB a thread (tests/test_triton_compile.py); the CUDA C++ ones take any.
+TRITON_MAX_BINS = 1024
 # calibration_bins' mode argument (csrc/ops.h): from_logits=None decides from the values
 _MODES = {None: -1, True: 1, False: 0}
 
@@ -115,24 +118,32 @@ class CalibrationState:
                    torch.zeros((), **f64), torch.zeros((), **f64))
 
 
-def _op(backend, x):
+def _kernel(backend, x, n_bins, what="calibration"):
+    """The backend that runs a calibration op on rows x: "cpu", "cuda" or "triton". "auto" on
+    CUDA takes Triton for long rows (see focal_loss.resolve_backend) up to TRITON_MAX_BINS."""
     from .focal_loss import resolve_backend
 
     if backend not in ("auto", "cpu", "cuda", "triton"):
-        raise ValueError(f"calibration: backend must be 'auto', 'cpu', 'cuda' or 'triton', "
+        raise ValueError(f"{what}: backend must be 'auto', 'cpu', 'cuda' or 'triton', "
                          f"got {backend!r}")
-    backend = resolve_backend(backend, x.device, "calibration", x.shape[-1] * x.element_size())
-    if backend == "torch":
-        raise ValueError(f"calibration: no fused kernel for {x.device} tensors")
-    if backend == "triton":
+    kernel = resolve_backend(backend, x.device, "calibration", x.shape[-1] * x.element_size())
+    if kernel == "torch":
+        raise ValueError(f"{what}: no fused kernel for {x.device} tensors")
+    if kernel == "triton" and backend == "auto" and n_bins > TRITON_MAX_BINS:
+        return "cuda"
+    if kernel == "triton":
         ops.load_triton()
-        return ops.calibration_bins_triton
-    return ops.calibration_bins
+    return kernel
+
+
+def _op(backend, x, n_bins):
+    return ops.calibration_bins_triton if _kernel(backend, x, n_bins) == "triton" \
+        else ops.calibration_bins
 
 
 def _fused(rows, target, n_bins, from_logits, ignore_index, classwise, per_sample, backend):
     """The calibration_bins op's outputs on rows (csrc/calibkernels.cpp lists them)."""
-    return _op(backend, rows)(rows, target, bin_boundaries(n_bins, rows.device),
+    return _op(backend, rows, n_bins)(rows, target, bin_boundaries(n_bins, rows.device),
                               _mode(from_logits), int(ignore_index), classwise, per_sample)
 
 
@@ -328,14 +339,7 @@ def calibration_sweep(logits, target, temperatures, n_bins=15, *, ignore_index=-
     temps = torch.as_tensor(temperatures, dtype=torch.float64).detach().cpu().reshape(-1)
     if not 1 <= temps.numel() <= 256:
         raise ValueError(f"calibration_sweep: 1 to 256 temperatures, got {temps.numel()}")
-    from .focal_loss import resolve_backend
-
-    kernel = resolve_backend(backend, rows.device, "calibration",
-                             rows.shape[-1] * rows.element_size())
-    if kernel == "torch":
-        raise ValueError(f"calibration_sweep: no fused kernel for {rows.device} tensors")
-    if kernel == "triton":
-        ops.load_triton()
+    kernel = _kernel(backend, rows, n_bins, "calibration_sweep")
     op = ops.calibration_sweep_triton if kernel == "triton" else ops.calibration_sweep
     counts, conf_sums, hits, nll = op(rows, target, temps, bin_boundaries(n_bins, rows.device),
                                       int(ignore_index))

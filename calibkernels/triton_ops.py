@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import triton_kernels as tk
-from .calibration import NORMS
+from .calibration import NORMS, TRITON_MAX_BINS
 from .ops import KERNEL_FLOATS, ROW_STATS, _acc_dtype
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -277,6 +277,10 @@ def _check_calibration_args(input, target, boundaries):
                          f"shape ({input.shape[0]},)")
     if boundaries.dtype != torch.float32 or boundaries.dim() != 1 or boundaries.numel() < 2:
         raise ValueError("calibration: boundaries must be float32 of shape (n_bins + 1)")
+    if boundaries.numel() - 1 > TRITON_MAX_BINS:  # the bins are tiles in registers
+        raise ValueError(f"calibration: calibkernels' Triton kernels take n_bins <= "
+                         f"{TRITON_MAX_BINS}, got {boundaries.numel() - 1}; use backend='cuda' "
+                         f"(or 'auto'), which takes any n_bins")
 
 
 def classwise_layout(c, n_bins):

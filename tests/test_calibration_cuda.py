@@ -39,6 +39,25 @@ def test_gpu_matches_cpu(backend, dtype, from_logits, n, c):
             reference.calibration_error(inp, t, 15, norm, from_logits), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_bins", [96, 97, 300, 2000])
+def test_gpu_classwise_takes_any_n_bins(n_bins):
+    # up to 96 bins a thread's bins sit in shared memory, beyond in its slice of the partials;
+    # 2000 bins on long rows: "auto" leaves Triton (1024 bins at most) for the CUDA C++ kernel
+    for n, c, backend in [(3000, 100, "cuda"), (40, 40000, "auto")]:
+        x, t = _data(n, c, dtype=torch.float32, seed=n_bins, ignore=True)
+        p = x.double().softmax(1).float()  # probabilities: bins identical on both devices
+        gpu = ck.calibration_bins(p.cuda(), t.cuda(), n_bins, from_logits=False, classwise=True,
+                                  backend=backend)
+        cpu = ck.calibration_bins(p, t, n_bins, from_logits=False, classwise=True)
+        for name in ["counts", "hits", "cw_counts", "cw_hits"]:
+            assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), (name, c)
+        for name in ["conf_sums", "cw_conf_sums"]:
+            torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), rtol=1e-12,
+                                       atol=1e-12)
+    with pytest.raises(ValueError, match="n_bins <= 1024"):
+        ck.ece(p.cuda(), t.cuda(), 1025, backend="triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_bitwise_deterministic(backend):
     x, t = _data(50000, 100, dtype=torch.float32, seed=1)

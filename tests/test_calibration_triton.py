@@ -1,6 +1,7 @@
 """The Triton calibration kernels against the C++ kernel and the reference. Without a GPU they run
 in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1)."""
 
+import importlib
 import os
 
 import pytest
@@ -101,6 +102,22 @@ def test_triton_sweep_poisons_an_out_of_range_target():
         t[3] = bad
         ours = ck.calibration_sweep(x.to(DEVICE), t.to(DEVICE), [0.5, 1.0], backend="triton")
         assert ours["nll"].isnan().all() and ours["ece"].isnan().all(), bad
+
+
+def test_triton_takes_at_most_1024_bins_and_auto_leaves_it_beyond(monkeypatch):
+    focal_loss_module = importlib.import_module("calibkernels.focal_loss")  # not the function
+    x, t = _data(20, 5, dtype=torch.float32, seed=3)
+    ck.ece(x.to(DEVICE), t.to(DEVICE), 1024, backend="triton")  # the largest it takes
+    for call in [lambda b: ck.ece(x.to(DEVICE), t.to(DEVICE), b, backend="triton"),
+                 lambda b: ck.calibration_sweep(x.to(DEVICE), t.to(DEVICE), [1.0], b,
+                                                backend="triton")]:
+        with pytest.raises(ValueError, match=r"Triton kernels take n_bins <= 1024, got 1025"):
+            call(1025)
+    # "auto" where the rows are long enough for Triton: Triton up to 1024 bins, CUDA C++ beyond
+    monkeypatch.setattr(focal_loss_module, "resolve_backend", lambda *args, **kw: "triton")
+    assert ck.calibration._kernel("auto", x, 1024) == "triton"
+    assert ck.calibration._kernel("auto", x, 1025) == "cuda"
+    assert ck.calibration._kernel("triton", x, 1024) == "triton"
 
 
 @pytest.mark.parametrize("n_bins", [1, 15, 300])

@@ -126,7 +126,7 @@ def focal_layout_gate():
 
     def check(fn, signature, constexprs, c, dtype, dt, kind, rows, block, single, warps, align):
         hinted = [k for k, v in signature.items() if v.startswith("*")] + \
-            ["n_rows"] + (["n_classes"] if c % 16 == 0 else [])
+            ["n_rows"] + (["n_classes"] if c % 16 == 0 and "n_classes" in signature else [])
         attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in hinted}
         signature = {**signature, **{k: "constexpr" for k in constexprs}}
         kernel = triton.compile(
@@ -184,8 +184,8 @@ def focal_layout_gate():
             constexprs = {"MATH_T": math_t, "ROWS": rows, "BLOCK_C": block, "ROW_ALIGN": align}
             check(fn, signature, constexprs, c, dtype, dt, "calib", rows, block, True, warps,
                   align)
-    # the top-label state: 16-bin and 512-bin tiles, one reading and both (from_logits=None)
-    for n_bins in (15, 300):
+    # the top-label state: 16- to 1024-bin tiles (TRITON_MAX_BINS), one reading and both
+    for n_bins in (15, 300, 1024):
         nb = triton.next_power_of_2(n_bins)
         for readings in (1, 2):
             check(tk.calibration_top_kernel,
@@ -208,6 +208,16 @@ def focal_layout_gate():
               {"FROM_LOGITS": True, "MATH_T": tl.float32, "N_BINS": n_bins,
                "NB": triton.next_power_of_2(n_bins), "BLOCK_R": block_r, "BLOCK_K": block_k},
               1000, torch.float32, "fp32", f"cw{n_bins}", block_r, block_k, True, 4, 1)
+    # the temperature sweep's bins, as calibration_sweep_triton launches them
+    for n_bins in (15, 1024):
+        nb = triton.next_power_of_2(n_bins)
+        check(tk.calibration_sweep_partials_kernel,
+              {"CONF": "*fp32", "NLL": "*fp32", "CORRECT": "*i1", "TARGET": "*i64",
+               "BETA": "*fp32", "PART_COUNTS": "*i64", "PART_SUMS": "*fp64",
+               "PART_HITS": "*i64", "PART_NLL": "*fp64", "n_rows": "i64", "n_temps": "i32",
+               "ignore_index": "i64"},
+              {"N_BINS": n_bins, "NB": nb, "BLOCK_R": max(16, min(1024, 8192 // nb))},
+              n_bins, torch.float32, "fp32", "sweep", 1, nb, True, 4, 1)
     # the mean's divisor (4 warps) and the final sum (8 warps), as triton_ops launches them
     check(tk.focal_loss_divisor_kernel,
           {"TARGET": "*i64", "WEIGHT": "*fp32", "DIVISOR_PARTS": "*fp64", "n_rows": "i64",

@@ -35,9 +35,6 @@ Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
   const at::Tensor beta = boundaries.contiguous();
   const int64_t N = x.size(0), C = x.size(1);
   const int n_bins = static_cast<int>(beta.size(0) - 1);
-  TORCH_CHECK_VALUE(!classwise || n_bins <= kCalibMaxClasswiseBins,
-                    "calibration: classwise on CUDA supports n_bins <= ", kCalibMaxClasswiseBins,
-                    ", got ", n_bins);
   const at::TensorOptions i64 = x.options().dtype(at::kLong), f64 = x.options().dtype(at::kDouble);
   const at::Tensor samples = at::empty({N, kSampleColumns}, x.options().dtype(math_type(x.scalar_type())));
   const at::Tensor correct = at::empty({N}, x.options().dtype(at::kBool));

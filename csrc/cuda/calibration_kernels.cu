@@ -409,48 +409,61 @@ __global__ void calibration_reduce_kernel(const I* __restrict__ part_counts,
 }
 
 // Classwise sums: a thread per class (consecutive classes: coalesced reads), the rows of one
-// chunk in order, the thread's bins in shared memory.
-template <typename T>
+// chunk in order. The thread's bins live in shared memory when they fit (SHARED), else in its
+// own slice of the partials, which no other thread touches: any n_bins, still deterministic.
+template <typename T, bool SHARED>
 __global__ void calibration_classwise_partials_kernel(CalibrationLaunch p, bool from_logits,
                                                       int64_t rows_per_chunk) {
   using A = typename MathType<T>::type;
-  extern __shared__ unsigned char smem_raw[];
+  using Count = std::conditional_t<SHARED, int, int64_t>;
   const int nb = p.n_bins;
-  double* sums = reinterpret_cast<double*>(smem_raw);                   // [blockDim][nb]
-  int* counts = reinterpret_cast<int*>(sums + blockDim.x * nb);         // [blockDim][nb]
-  int* hits = counts + blockDim.x * nb;                                 // [blockDim][nb]
-  for (int b = 0; b < nb; ++b) {
-    sums[threadIdx.x * nb + b] = 0.0;
-    counts[threadIdx.x * nb + b] = 0;
-    hits[threadIdx.x * nb + b] = 0;
-  }
   const int64_t k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (k >= p.n_classes) return;
+  const int64_t out = static_cast<int64_t>(blockIdx.x) * p.n_classes * nb + k * nb;
+  double* sums;
+  Count* counts;
+  Count* hits;
+  if constexpr (SHARED) {
+    extern __shared__ unsigned char smem_raw[];
+    double* smem_sums = reinterpret_cast<double*>(smem_raw);                // [blockDim][nb]
+    int* smem_counts = reinterpret_cast<int*>(smem_sums + blockDim.x * nb);  // [2][blockDim][nb]
+    sums = smem_sums + threadIdx.x * nb;
+    counts = smem_counts + threadIdx.x * nb;
+    hits = smem_counts + (blockDim.x + threadIdx.x) * nb;
+  } else {
+    sums = p.cw_part_sums + out;
+    counts = p.cw_part_counts + out;
+    hits = p.cw_part_hits + out;
+  }
+  for (int b = 0; b < nb; ++b) {
+    sums[b] = 0.0;
+    counts[b] = 0;
+    hits[b] = 0;
+  }
   const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_chunk;
   const int64_t last = first + rows_per_chunk < p.n_rows ? first + rows_per_chunk : p.n_rows;
   const T* __restrict__ input = static_cast<const T*>(p.input);
   const A* __restrict__ samples = static_cast<const A*>(p.samples);
-  if (k < p.n_classes) {
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t y = p.target[i];
-      if (y == p.ignore_index) continue;
-      const A* s = samples + i * kSampleColumns;
-      A pk = to_math(input[i * p.n_classes + k]);
-      if (from_logits) {
-        pk = ck_exp(pk - s[kRowMax]) / s[kRowSum];
-      } else if (s[kConfP] != s[kConfP]) {
-        pk = A(NAN);  // a poisoned row
-      }
-      const int b = bin_index(pk, p.boundaries, nb);
-      counts[threadIdx.x * nb + b] += 1;
-      sums[threadIdx.x * nb + b] += static_cast<double>(pk);
-      hits[threadIdx.x * nb + b] += y == k ? 1 : 0;
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t y = p.target[i];
+    if (y == p.ignore_index) continue;
+    const A* s = samples + i * kSampleColumns;
+    A pk = to_math(input[i * p.n_classes + k]);
+    if (from_logits) {
+      pk = ck_exp(pk - s[kRowMax]) / s[kRowSum];
+    } else if (s[kConfP] != s[kConfP]) {
+      pk = A(NAN);  // a poisoned row
     }
-    const int64_t slots = p.n_classes * nb;
+    const int b = bin_index(pk, p.boundaries, nb);
+    counts[b] += 1;
+    sums[b] += static_cast<double>(pk);
+    hits[b] += y == k ? 1 : 0;
+  }
+  if constexpr (SHARED) {
     for (int b = 0; b < nb; ++b) {
-      const int64_t at = static_cast<int64_t>(blockIdx.x) * slots + k * nb + b;
-      p.cw_part_counts[at] = counts[threadIdx.x * nb + b];
-      p.cw_part_sums[at] = sums[threadIdx.x * nb + b];
-      p.cw_part_hits[at] = hits[threadIdx.x * nb + b];
+      p.cw_part_counts[out + b] = counts[b];
+      p.cw_part_sums[out + b] = sums[b];
+      p.cw_part_hits[out + b] = hits[b];
     }
   }
 }
@@ -636,14 +649,20 @@ cudaError_t launch_calibration_top(const CalibrationLaunch& p, cudaStream_t stre
 cudaError_t launch_calibration_classwise(const CalibrationLaunch& p, bool from_logits,
                                          cudaStream_t stream) {
   return dispatch_dtype(p.dtype, [&](auto tag) {
-    const int threads = classwise_threads(p.n_bins);
+    const bool shared = p.n_bins <= kCalibSharedClasswiseBins;
+    const int threads = shared ? classwise_threads(p.n_bins) : 128;
     const int64_t cw_chunks = calib_classwise_chunks(p.n_rows, p.n_classes, p.n_bins);
     const int64_t rows_per_chunk = p.n_rows == 0 ? 1 : (p.n_rows + cw_chunks - 1) / cw_chunks;
     const dim3 grid(static_cast<unsigned>(cw_chunks),
                     static_cast<unsigned>((p.n_classes + threads - 1) / threads));
-    calibration_classwise_partials_kernel<decltype(tag)>
-        <<<grid, threads, static_cast<size_t>(threads) * p.n_bins * 16, stream>>>(
-            p, from_logits, rows_per_chunk);
+    if (shared) {
+      calibration_classwise_partials_kernel<decltype(tag), true>
+          <<<grid, threads, static_cast<size_t>(threads) * p.n_bins * 16, stream>>>(
+              p, from_logits, rows_per_chunk);
+    } else {
+      calibration_classwise_partials_kernel<decltype(tag), false>
+          <<<grid, threads, 0, stream>>>(p, from_logits, rows_per_chunk);
+    }
     const int64_t slots = p.n_classes * p.n_bins;
     const int64_t blocks = (slots + 255) / 256;
     calibration_reduce_kernel<int64_t><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535),

@@ -14,7 +14,7 @@ namespace calibkernels {
 constexpr int64_t kCalibTopRows = 1024;
 constexpr int64_t kCalibRowsPerChunk = 2048;
 constexpr int64_t kCalibClasswiseMaxPartials = int64_t(1) << 22;  // chunks x C x n_bins
-constexpr int kCalibMaxClasswiseBins = 96;  // shared memory of the classwise kernel
+constexpr int kCalibSharedClasswiseBins = 96;  // classwise bins in 48 KB of shared memory
 constexpr int kCalibMaxTemperatures = 256;
 
 // Per-sample values of the rows kernel (columns of `samples`): the softmax reading (confidence,
