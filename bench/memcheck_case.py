@@ -38,9 +38,10 @@ def sparse_cases():
         t[5] = -100
         ck.calibration_bins(x, t, 15, backend="cuda")
         ck.calibration_bins(x, t, 15, from_logits=None, backend="cuda")
-        # classwise bins in shared memory (96) and in the partials (97 and up)
+        # classwise bins in shared memory (96) and in the partials (97 and up); 2 chunks and 1
         for n_bins in (96, 97, 300) if c <= 1000 else ():
             ck.calibration_bins(x, t, n_bins, classwise=True, backend="cuda")
+            ck.calibration_bins(x[:500], t[:500], n_bins, classwise=True, backend="cuda")
     print("calibration", flush=True)
 
 

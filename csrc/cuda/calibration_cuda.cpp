@@ -87,19 +87,22 @@ Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
   if (!classwise) {
     cw = {at::empty({0, n_bins}, i64), at::empty({0, n_bins}, f64), at::empty({0, n_bins}, i64)};
   } else {
+    // One chunk (C x n_bins over 4M slots): the kernel writes the state itself, no partials.
     const int64_t cw_chunks = calib_classwise_chunks(N, C, n_bins);
-    const at::Tensor cw_part_counts = at::empty({cw_chunks, C, n_bins}, i64),
-                     cw_part_sums = at::empty({cw_chunks, C, n_bins}, f64),
-                     cw_part_hits = at::empty({cw_chunks, C, n_bins}, i64);
-    p.cw_part_counts = cw_part_counts.mutable_data_ptr<int64_t>();
-    p.cw_part_sums = cw_part_sums.mutable_data_ptr<double>();
-    p.cw_part_hits = cw_part_hits.mutable_data_ptr<int64_t>();
+    const int64_t parts = cw_chunks > 1 ? cw_chunks : 0;
+    const at::Tensor cw_part_counts = at::empty({parts, C, n_bins}, i64),
+                     cw_part_sums = at::empty({parts, C, n_bins}, f64),
+                     cw_part_hits = at::empty({parts, C, n_bins}, i64);
     const auto reading = [&](bool from_logits) {
-      std::vector<at::Tensor> o{at::zeros({C, n_bins}, i64), at::zeros({C, n_bins}, f64),
-                                at::zeros({C, n_bins}, i64)};
+      std::vector<at::Tensor> o{at::empty({C, n_bins}, i64), at::empty({C, n_bins}, f64),
+                                at::empty({C, n_bins}, i64)};
       p.cw_counts = o[0].mutable_data_ptr<int64_t>();
       p.cw_conf_sums = o[1].mutable_data_ptr<double>();
       p.cw_hits = o[2].mutable_data_ptr<int64_t>();
+      const bool one = parts == 0;
+      p.cw_part_counts = one ? p.cw_counts : cw_part_counts.mutable_data_ptr<int64_t>();
+      p.cw_part_sums = one ? p.cw_conf_sums : cw_part_sums.mutable_data_ptr<double>();
+      p.cw_part_hits = one ? p.cw_hits : cw_part_hits.mutable_data_ptr<int64_t>();
       check(launch_calibration_classwise(p, from_logits, stream));
       return o;
     };

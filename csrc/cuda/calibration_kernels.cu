@@ -663,6 +663,7 @@ cudaError_t launch_calibration_classwise(const CalibrationLaunch& p, bool from_l
       calibration_classwise_partials_kernel<decltype(tag), false>
           <<<grid, threads, 0, stream>>>(p, from_logits, rows_per_chunk);
     }
+    if (cw_chunks == 1) return cudaGetLastError();  // the partials are the state itself
     const int64_t slots = p.n_classes * p.n_bins;
     const int64_t blocks = (slots + 255) / 256;
     calibration_reduce_kernel<int64_t><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535),

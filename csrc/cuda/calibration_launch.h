@@ -63,7 +63,7 @@ struct CalibrationLaunch {
   double* part_totals;      // (readings, calib_top_blocks, 2) workspace
   int* part_inside;         // (calib_top_blocks) workspace: every kept value in [0, 1]
   unsigned* ticket;         // zeroed by the rows kernel, counted by the top kernel's blocks
-  int64_t* cw_part_counts;  // (calib_classwise_chunks, n_classes, n_bins) workspace
+  int64_t* cw_part_counts;  // (calib_classwise_chunks, n_classes, n_bins); cw_* if one chunk
   double* cw_part_sums;
   int64_t* cw_part_hits;
 };
