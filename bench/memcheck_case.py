@@ -1,9 +1,9 @@
 """Small focal-loss and calibration cases for compute-sanitizer memcheck: every dtype, both GPU
 backends, rows that are not a multiple of the vector width, ignored and out-of-range targets,
-probability targets, a gamma table on the device, and each backward phase; the vocabulary-window
-phases, scale_unless_one_, the calibration report and sweep, and the fused linear + focal loss;
-first the CUDA class-index fast path at each of its layouts and the calibration kernels'
-ticket (alone with the argument `sparse`)."""
+probability targets, a gamma table on the device, the statistics-only forward (a traced graph's)
+and each backward phase; the vocabulary-window phases, scale_unless_one_, the calibration report
+and sweep, and the fused linear + focal loss; first the CUDA class-index fast path at each of its
+layouts and the calibration kernels' ticket (alone with the argument `sparse`)."""
 
 import sys
 
@@ -28,9 +28,10 @@ def sparse_cases():
                 t = torch.randint(0, c, (5,), device="cuda")
                 t[1], t[3] = -100, c  # ignored, out of range
                 w = torch.rand(c, device="cuda", dtype=dtype)
-                for reduction in ["none", "mean"]:
-                    op(x, t, w, torch.tensor([3.0], dtype=torch.float64), -100, 0.0, reduction,
-                       True)
+                for reduction in ["none", "mean"]:  # with the gradient, then statistics only
+                    for grad in (True, False):
+                        op(x, t, w, torch.tensor([3.0], dtype=torch.float64), -100, 0.0,
+                           reduction, grad, compute_stats=True)
         print("sparse", dtype, flush=True)
     for c in [10, 1000, 5003]:
         x = torch.randn(3000, c, device="cuda")  # 3 blocks of the top kernel
@@ -70,6 +71,7 @@ for dtype in [torch.float32, torch.bfloat16, torch.float16, torch.float64]:
                                                    (p, w, flsd.cuda(), 0.1),
                                                    (p.to(dtype), None, fixed.cuda(), 0.0)]:
                     _, grad, stats = fwd(x, target, weight, table, -100, eps, reduction, True)
+                    fwd(x, target, weight, table, -100, eps, reduction, False, compute_stats=True)
                     bwd(go, x, target, weight, table, stats, -100, eps, reduction)
                     # grad_output in the input's dtype, expanded: read in place (stride 0)
                     bwd(go.to(dtype).reshape(-1)[:1].expand(go.numel()).reshape(go.shape), x,

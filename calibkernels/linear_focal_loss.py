@@ -133,7 +133,8 @@ class _LinearFocalLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h_c, t_c = hidden[start:start + chunk], target[start:start + chunk]
             logits = _logits(h_c, weight, bias)
-            _, _, stats = forward(logits, t_c, None, table, ignore_index, eps, "none", True, acc)
+            _, _, stats = forward(logits, t_c, None, table, ignore_index, eps, "none", False, acc,
+                                  compute_stats=True)
             g_c = backward(grad_output[start:start + chunk], logits, t_c, None, table, stats,
                            ignore_index, eps, "none")
             del logits

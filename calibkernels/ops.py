@@ -83,12 +83,12 @@ def _focal_loss_fake(input, target, weight, gamma, ignore_index, label_smoothing
 
 
 def _forward_fake(input, target, weight, gamma, ignore_index, label_smoothing, reduction,
-                  compute_grad, dtype=None):
+                  compute_grad, dtype=None, compute_stats=False):
     torch._check(input.dim() == 2, lambda: "focal_loss: input must be 2-D (N, C)")
     n = input.shape[0]
     grad = torch.empty_like(input, memory_format=torch.contiguous_format) if compute_grad \
         else input.new_empty((0,))
-    stats = input.new_empty((n if compute_grad else 0, ROW_STATS),
+    stats = input.new_empty((n if compute_grad or compute_stats else 0, ROW_STATS),
                             dtype=_acc_dtype(input.dtype))
     return _loss_like(input, reduction, dtype), grad, stats
 

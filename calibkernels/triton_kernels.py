@@ -163,7 +163,8 @@ def focal_loss_finish_kernel(LOSS_PARTS, n_parts, DIVISOR_PARTS, OUT, n_rows, ME
 def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR_PARTS, LOSS, GRAD, STATS, n_rows,
                               n_classes, ignore_index, eps: tl.float64, N_PIECES: tl.constexpr,
                               PROB: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                              HAS_GRAD: tl.constexpr, DENSE: tl.constexpr, MEAN: tl.constexpr,
+                              HAS_GRAD: tl.constexpr, HAS_STATS: tl.constexpr,
+                              DENSE: tl.constexpr, MEAN: tl.constexpr,
                               REDUCE: tl.constexpr, MATH_T: tl.constexpr, ROWS: tl.constexpr,
                               BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
                               ROW_ALIGN: tl.constexpr):
@@ -297,8 +298,9 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR_PARTS, LOSS, GRA
     else:  # in the loss's dtype (float64 to 16 bits through float32, as .to())
         tl.store(LOSS + rows, _to_storage(loss_out, LOSS.dtype.element_ty), mask=in_rows)
 
-    # Pass 3: the gradient, written once; the true class formed in the math precision.
-    if HAS_GRAD:
+    # Pass 3: the RowStats (HAS_GRAD implies them), then the gradient, written once; the true
+    # class formed in the math precision.
+    if HAS_STATS:
         scale = tl.full((ROWS,), 1.0, math_t)
         if MEAN:
             scale = scale / _divisor(DIVISOR_PARTS, n_rows, PROB).to(math_t)
@@ -315,6 +317,7 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR_PARTS, LOSS, GRA
         tl.store(st + 4, S, mask=in_rows)
         tl.store(st + 5, g_y, mask=in_rows)
         tl.store(st + 6, scale, mask=in_rows)
+    if HAS_GRAD:
         fill = tl.where(bad, float("nan"), 0.0)
         if SINGLE:
             if not DENSE:

@@ -164,7 +164,8 @@ def calibration_layout(n, c, dtype):
 def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
                               weight: Optional[torch.Tensor], gamma: torch.Tensor,
                               ignore_index: int, label_smoothing: float, reduction: str,
-                              compute_grad: bool, dtype: Optional[torch.dtype] = None
+                              compute_grad: bool, dtype: Optional[torch.dtype] = None,
+                              compute_stats: bool = False
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """calibkernels::focal_loss_forward, computed by the Triton kernel (same arguments, outputs)."""
     prob = _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smoothing,
@@ -191,13 +192,15 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
         torch.empty(n, dtype=out_dtype, device=dev)
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if compute_grad \
         else x.new_empty((0,))
-    stats = torch.empty((n if compute_grad else 0, ROW_STATS), dtype=acc, device=dev)
+    with_stats = compute_grad or compute_stats
+    stats = torch.empty((n if with_stats else 0, ROW_STATS), dtype=acc, device=dev)
     if n > 0:
         wrap_triton(tk.focal_loss_forward_kernel)[(programs,)](
             x, t, w if w is not None else loss, table, parts, loss,
-            grad if compute_grad else loss, stats if compute_grad else loss, n, c,
+            grad if compute_grad else loss, stats if with_stats else loss, n, c,
             ignore_index, float(label_smoothing), N_PIECES=(table.numel() - 1) // 2,
-            PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, DENSE=dense,
+            PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, HAS_STATS=with_stats,
+            DENSE=dense,
             MEAN=mean, REDUCE=reduce, MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
             SINGLE=single, ROW_ALIGN=_row_align(c), num_warps=warps)
     if not reduce:

@@ -198,11 +198,14 @@ TORCH_LIBRARY(calibkernels, m) {
       "float label_smoothing, str reduction, str backend, ScalarType? dtype=None) -> Tensor");
   // The forward phase: the loss and, when compute_grad, the gradient for grad_output = 1 (in the
   // input's dtype, written in the same pass) and the per-row statistics the backward needs
-  // ((N, kRowStats) in the math type: see RowStats in focal_loss_row.h).
+  // ((N, kRowStats) in the math type: see RowStats in focal_loss_row.h). compute_stats: the
+  // statistics without the gradient, for a backward that runs the gradient phase anyway (a
+  // traced graph, a recomputing caller); otherwise grad and stats are empty.
   m.def(
       "focal_loss_forward(Tensor input, Tensor target, Tensor? weight, Tensor gamma, "
       "int ignore_index, float label_smoothing, str reduction, bool compute_grad, "
-      "ScalarType? dtype=None) -> (Tensor loss, Tensor grad, Tensor stats)");
+      "ScalarType? dtype=None, bool compute_stats=False) -> "
+      "(Tensor loss, Tensor grad, Tensor stats)");
   // The gradient phase: grad_output times d loss / d input, from the input and the forward's
   // statistics (one read of the input, one write), rounded once.
   m.def(

@@ -53,9 +53,10 @@ Capability capability() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& gamma, int64_t ignore_index, double label_smoothing,
-    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype) {
+    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype,
+    bool compute_stats) {
   CK_CPU_DISPATCH(focal_loss_forward, input, target, weight, gamma, ignore_index,
-                  label_smoothing, reduction, compute_grad, dtype)
+                  label_smoothing, reduction, compute_grad, dtype, compute_stats)
 }
 
 at::Tensor focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& input,

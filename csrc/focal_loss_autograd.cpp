@@ -19,7 +19,7 @@ using torch::autograd::variable_list;
 
 using ForwardOp = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-    int64_t, double, c10::string_view, bool, std::optional<at::ScalarType>);
+    int64_t, double, c10::string_view, bool, std::optional<at::ScalarType>, bool);
 using BackwardOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const std::optional<at::Tensor>&, const at::Tensor&,
                               const at::Tensor&, int64_t, double, c10::string_view);
@@ -86,9 +86,12 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
                             c10::string_view reduction, c10::string_view backend,
                             std::optional<at::ScalarType> dtype, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    // Traced (torch.compile, export): the backward is a functional graph that cannot take over a
+    // buffer, so it runs the gradient phase, and the forward writes only the row statistics.
+    const bool eager_grad = compute_grad && is_plain(input);
     auto [loss, grad, stats] = phase_ops(backend).forward.call(
-        input, target, weight, gamma, ignore_index, label_smoothing, reduction, compute_grad,
-        dtype);
+        input, target, weight, gamma, ignore_index, label_smoothing, reduction, eager_grad,
+        dtype, /*compute_stats=*/compute_grad);
     ctx->set_materialize_grads(false);
     if (compute_grad) {
       // The forward's gradient (grad_output = 1) is `grad`; the input and the row statistics let
@@ -96,7 +99,7 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
       ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), gamma, stats});
       // Not a saved variable: the first backward hands this very buffer out and forgets it, so
       // that nothing the user holds is ever version-checked or rewritten by a later backward.
-      ctx->saved_data["grad"] = grad;
+      if (eager_grad) ctx->saved_data["grad"] = grad;
       ctx->saved_data["ignore_index"] = ignore_index;
       ctx->saved_data["label_smoothing"] = label_smoothing;
       ctx->saved_data["reduction"] = std::string(reduction);
@@ -197,7 +200,8 @@ at::Tensor focal_loss_forward_only(const at::Tensor& input, const at::Tensor& ta
                                    double label_smoothing, c10::string_view reduction,
                                    c10::string_view backend, std::optional<at::ScalarType> dtype) {
   return std::get<0>(phase_ops(backend).forward.call(input, target, weight, gamma, ignore_index,
-                                                     label_smoothing, reduction, false, dtype));
+                                                     label_smoothing, reduction, false, dtype,
+                                                     /*compute_stats=*/false));
 }
 
 // Under autocast the loss is float32, as F.cross_entropy's (float64 input stays float64), and the

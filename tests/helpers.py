@@ -97,6 +97,20 @@ def assert_nan_logits_like_torch(fn, c, dtype, device="cpu", **kw):
     assert grad[bad].isnan().all() and torch.isfinite(grad[~bad]).all()
 
 
+def assert_statistics_only_forward(forward, *args):
+    """forward(*args, compute_grad, compute_stats=...) (a focal_loss_forward op; args up to the
+    reduction): with compute_stats alone, the loss and the row statistics are those of the forward
+    that also writes the gradient, bit for bit, and no gradient is written; without either, none."""
+    loss, grad, stats = forward(*args, True)
+    loss_s, grad_s, stats_s = forward(*args, False, compute_stats=True)
+    assert grad_s.numel() == 0 and stats_s.shape == stats.shape and grad.shape == args[0].shape
+    torch.testing.assert_close(loss_s, loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(stats_s, stats, rtol=0, atol=0, equal_nan=True)
+    loss_n, grad_n, stats_n = forward(*args, False)
+    assert grad_n.numel() == 0 and stats_n.numel() == 0
+    torch.testing.assert_close(loss_n, loss, rtol=0, atol=0, equal_nan=True)
+
+
 def run_gloo_ranks(fn, world, tmp_path):
     """fn(rank, world) in `world` spawned processes joined in one gloo group: their results, in
     rank order (each saved by its process and loaded here)."""

@@ -9,8 +9,8 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import (assert_nan_logits_like_torch, assert_within_twice_eager, loss_and_grad,
-                     make_logits, make_probs, rel_err)
+from helpers import (assert_nan_logits_like_torch, assert_statistics_only_forward,
+                     assert_within_twice_eager, loss_and_grad, make_logits, make_probs, rel_err)
 
 pytestmark = pytest.mark.cuda
 
@@ -154,6 +154,25 @@ def test_gpu_compiled_backward_matches_eager(backend, reduction):
         compiled(xc, t).backward(scale)
         step(xe, t).backward(scale)
         torch.testing.assert_close(xc.grad, xe.grad)  # eager's fast path may differ by an ulp
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("prob,smoothing,weighted", [(False, 0.0, False), (False, 0.1, True),
+                                                     (True, 0.0, True)], ids=str)
+def test_gpu_statistics_only_forward(backend, dtype, prob, smoothing, weighted):
+    # a traced graph's forward: the row statistics alone, as with the gradient, at every row
+    # layout (several rows per warp, a row per block, a cluster's row, streamed rows)
+    flsd = ck.NAMED_SCHEDULES["flsd-53"].table
+    for c in [10, 1000, 32000, 128256, 50257]:
+        n = 300 if c <= 1000 else 9
+        x, t = make_logits(n, c, dtype, seed=c, ignore_index=None if prob else -100)
+        x = x.detach().cuda()
+        target = make_probs(x, seed=c) if prob else t.cuda()
+        w = torch.rand(c, device="cuda").to(dtype) + 0.25 if weighted else None
+        for reduction in ["none", "mean"]:
+            assert_statistics_only_forward(_forward_op(backend), x, target, w, flsd, -100,
+                                           smoothing, reduction)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

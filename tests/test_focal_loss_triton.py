@@ -10,8 +10,8 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import (assert_nan_logits_like_torch, assert_within_twice_eager, loss_and_grad,
-                     make_logits, make_probs)
+from helpers import (assert_nan_logits_like_torch, assert_statistics_only_forward,
+                     assert_within_twice_eager, loss_and_grad, make_logits, make_probs)
 
 pytestmark = pytest.mark.skipif(
     not ck.ops.triton_available()
@@ -203,6 +203,26 @@ def test_triton_layouts_match_reference(monkeypatch, layout, prob, smoothing, we
             (e,) = torch.autograd.grad(truth, x64, go.double())
             torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=1e-7,
                                        msg=lambda m: f"{layout} C={c} {reduction}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["streamed", "row-tiles"])
+@pytest.mark.parametrize("prob,smoothing,weighted", [(False, 0.0, False), (False, 0.1, True),
+                                                     (True, 0.0, True)], ids=str)
+def test_triton_statistics_only_forward(monkeypatch, layout, prob, smoothing, weighted):
+    # the forward of a traced graph: the row statistics alone, the same as with the gradient
+    ck.ops.load_triton()
+    from calibkernels import triton_ops
+    for name, value in _layouts()[layout].items():
+        monkeypatch.setattr(triton_ops, name, value)
+    x, t = make_logits(13, 37, torch.float32, seed=3, ignore_index=None if prob else -100)
+    x = x.detach().to(DEVICE)
+    target = make_probs(x, seed=3) if prob else t.to(DEVICE)
+    w = torch.rand(37, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.25 \
+        if weighted else None
+    table = ck.NAMED_SCHEDULES["flsd-53"].table
+    for reduction in REDUCTIONS:
+        assert_statistics_only_forward(triton_ops.focal_loss_forward_triton, x, target, w, table,
+                                       -100, smoothing, reduction)
 
 
 @pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])

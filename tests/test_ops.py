@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import calibkernels as ck
-from helpers import make_logits
+from helpers import assert_statistics_only_forward, make_logits
 
 OPS = ["calibkernels::focal_loss_forward", "calibkernels::focal_loss_backward",
        "calibkernels::focal_loss_backward_", "calibkernels::calibration_bins",
@@ -72,10 +72,19 @@ def _focal_loss_samples():
 def test_opcheck_focal_loss(args):
     # the differentiable op: schema, fake kernel, autograd (through the C++ Function), compile
     torch.library.opcheck(torch.ops.calibkernels.focal_loss.default, args)
-    # and its forward phase, with and without the gradient
-    for compute_grad in [False, True]:
+    # and its forward phase: with the gradient, without it, with the row statistics alone
+    for compute_grad, compute_stats in [(False, False), (True, False), (False, True)]:
         torch.library.opcheck(torch.ops.calibkernels.focal_loss_forward.default,
-                              (*args[:7], compute_grad))
+                              (*args[:7], compute_grad), {"compute_stats": compute_stats})
+
+
+@pytest.mark.parametrize("args", list(_focal_loss_samples()),
+                         ids=lambda a: f"{a[0].dtype}-{a[6]}-w={a[2] is not None}-"
+                                       f"soft={a[1].is_floating_point()}")
+def test_statistics_only_forward(args):
+    x = args[0].detach().clone()
+    x[1, 2] = float("inf")  # a poisoned row: NaN statistics
+    assert_statistics_only_forward(torch.ops.calibkernels.focal_loss_forward, x, *args[1:7])
 
 
 def test_opcheck_focal_loss_backward():
@@ -129,6 +138,48 @@ def test_compiled_backward_matches_eager_bit_for_bit(reduction):
         compiled(xs[0], t).backward(scale)
         step(xs[1], t).backward(scale)
         torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=0, atol=0)
+
+
+def _calibkernels_calls(graph):
+    """The calibkernels ops a traced graph calls, with their arguments by name."""
+    calls = []
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("calibkernels."):
+            names = [a.name for a in node.target._schema.arguments]
+            calls.append((node.target, {**dict(zip(names, node.args)), **node.kwargs}))
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_forward_writes_statistics_only(reduction):
+    # traced, the backward cannot take over the forward's buffer and runs the gradient phase, so
+    # the forward writes no gradient: one read in the forward, one read and write in the backward
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm)
+        return compiler
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    x, t = make_logits(24, 9, torch.float32, seed=5, ignore_index=-100)
+    step = torch.compile(lambda x, t: ck.focal_loss(x, t, gamma=2.0, reduction=reduction),
+                         backend=backend, fullgraph=True)
+    step(x, t).sum().backward()
+    ((op, forward),) = _calibkernels_calls(graphs["forward"])
+    assert op is torch.ops.calibkernels.focal_loss_forward.default
+    assert forward["compute_grad"] is False and forward["compute_stats"] is True
+    ((op, _),) = _calibkernels_calls(graphs["backward"])
+    assert op is torch.ops.calibkernels.focal_loss_backward.default
+    eager = x.detach().clone().requires_grad_()
+    ck.focal_loss(eager, t, gamma=2.0, reduction=reduction).sum().backward()
+    torch.testing.assert_close(x.grad, eager.grad, rtol=0, atol=0)
 
 
 @pytest.mark.slow

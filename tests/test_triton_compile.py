@@ -33,8 +33,9 @@ def compile_all():
                            "DIVISOR_PARTS": "*fp64", "LOSS": "*fp64" if prob else f"*{dt}",
                            "GRAD": f"*{dt}", "STATS": f"*{acc}", "n_rows": "i64",
                            "n_classes": "i64", "ignore_index": "i64", "eps": "fp64"},
-                          {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": True,
-                           "DENSE": True, "MEAN": True, "REDUCE": prob, "MATH_T": math_t,
+                          # a traced forward (prob) writes the statistics alone
+                          {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": not prob,
+                           "HAS_STATS": True, "DENSE": True, "MEAN": True, "REDUCE": prob, "MATH_T": math_t,
                            "ROWS": 2, "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1}))
             cases.append((tk.focal_loss_backward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
@@ -162,8 +163,8 @@ def focal_layout_gate():
                 kernels = [
                     (tk.focal_loss_forward_kernel,
                      {**common, "TABLE": "*fp64", "DIVISOR_PARTS": "*fp64", "LOSS": "*fp64"},
-                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "MEAN": True, "REDUCE": True,
-                      "SINGLE": single}),
+                     {**flags, "N_PIECES": 2, "HAS_GRAD": True, "HAS_STATS": True, "MEAN": True,
+                      "REDUCE": True, "SINGLE": single}),
                     (tk.focal_loss_backward_kernel,
                      {**common, "GRAD_OUTPUT": f"*{dt}", "go_stride": "i64"},
                      {**flags, "GO_PER_ROW": False, "SKIP_ONE": True})]

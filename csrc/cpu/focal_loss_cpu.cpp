@@ -126,9 +126,10 @@ void index_rows(const FocalLossCpuArgs<scalar_t, tgt_t>& a, int64_t begin, int64
         continue;
       }
       a.loss_rows[i] = r.loss[l];
-      if (!a.grad) continue;
+      if (!a.stats) continue;
       const RowStats<acc_t> st{r.m[l], r.s[l], r.log_s[l], r.gamma[l], r.S[l], r.g_y[l], a.scale};
       store_stats(a.stats, i, st);
+      if (!a.grad) continue;
       acc_t* out = kReduced ? grad_buf.data() + l * C : reinterpret_cast<acc_t*>(a.grad + i * C);
       grad_from_exp(a, out, static_cast<const acc_t*>(nullptr), static_cast<const acc_t*>(nullptr),
                     y, st, a.scale, static_cast<const acc_t*>(nullptr));
@@ -226,9 +227,9 @@ void dense_rows(const FocalLossCpuArgs<scalar_t, tgt_t>& a, int64_t begin, int64
       if (a.grad) std::fill(e, e + C, r.S);
     }
     a.loss_rows[i] = -loss;
-    if (a.grad) {
-      store_stats(a.stats, i, r);
-      if constexpr (kReduced) at::vec::convert(e, a.grad + i * C, C);
+    if (a.stats) store_stats(a.stats, i, r);
+    if constexpr (kReduced) {
+      if (a.grad) at::vec::convert(e, a.grad + i * C, C);
     }
   }
 }
@@ -294,7 +295,8 @@ void with_args(const at::Tensor& input, const at::Tensor& target, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& gamma, int64_t ignore_index, double label_smoothing,
-    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype) {
+    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype,
+    bool compute_stats) {
   const FocalLossOptions o = check_focal_loss_args(input, target, weight, gamma, ignore_index,
                                                    label_smoothing, reduction);
   const at::Tensor x = input.contiguous();
@@ -304,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cpu(
   const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
   at::Tensor loss_rows = at::empty({N}, x.options().dtype(acc_type));
   at::Tensor grad = compute_grad ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
-  at::Tensor stats = at::empty({compute_grad ? N : 0, kRowStats}, x.options().dtype(acc_type));
+  const bool with_stats = compute_grad || compute_stats;
+  at::Tensor stats = at::empty({with_stats ? N : 0, kRowStats}, x.options().dtype(acc_type));
   double divisor = static_cast<double>(N);  // probability targets: the number of samples
   with_args(x, t, w, o, [&](auto args) {
     using acc_t = typename decltype(args)::acc_t;
@@ -327,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cpu(
     args.loss_rows = loss_rows.mutable_data_ptr<acc_t>();
     args.grad = compute_grad ? grad.mutable_data_ptr<typename decltype(args)::scalar_type>()
                              : nullptr;
-    args.stats = compute_grad ? stats.mutable_data_ptr<acc_t>() : nullptr;
+    args.stats = with_stats ? stats.mutable_data_ptr<acc_t>() : nullptr;
     parallel_rows(N, C, [&](int64_t begin, int64_t end) {
       if (args.dense()) dense_rows(args, begin, end);
       else index_rows(args, begin, end);
@@ -422,9 +425,10 @@ void focal_loss_backward_inplace_cpu(const at::Tensor& grad, const at::Tensor& g
 std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& gamma, int64_t ignore_index, double label_smoothing,
-    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype) {
+    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype,
+    bool compute_stats) {
   return focal_loss_forward_cpu(input, target, weight, gamma, ignore_index, label_smoothing,
-                                reduction, compute_grad, dtype);
+                                reduction, compute_grad, dtype, compute_stats);
 }
 
 at::Tensor focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& input,

@@ -22,7 +22,7 @@ using SweepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
       const at::Tensor& input, const at::Tensor& target,                                     \
       const std::optional<at::Tensor>& weight, const at::Tensor& gamma, int64_t ignore_index, \
       double label_smoothing, c10::string_view reduction, bool compute_grad,                 \
-      std::optional<at::ScalarType> dtype);                                                  \
+      std::optional<at::ScalarType> dtype, bool compute_stats);                              \
   at::Tensor focal_loss_backward(const at::Tensor& grad_output, const at::Tensor& input,     \
                                  const at::Tensor& target,                                   \
                                  const std::optional<at::Tensor>& weight,                    \

@@ -55,7 +55,8 @@ FocalLossLaunch common_launch(const FocalLossOptions& o, Operands& ops, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cuda(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const at::Tensor& gamma, int64_t ignore_index, double label_smoothing,
-    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype) {
+    c10::string_view reduction, bool compute_grad, std::optional<at::ScalarType> dtype,
+    bool compute_stats) {
   const FocalLossOptions o = check_focal_loss_args(input, target, weight, gamma, ignore_index,
                                                    label_smoothing, reduction);
   c10::cuda::CUDAGuard guard(input.device());
@@ -69,7 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cuda(
   at::Tensor loss = reduced ? at::empty({}, x.options().dtype(out_dtype))
                             : at::empty({N}, x.options().dtype(out_dtype));
   at::Tensor grad = compute_grad ? at::empty({N, C}, x.options()) : at::empty({0}, x.options());
-  at::Tensor stats = at::empty({compute_grad ? N : 0, kRowStats}, x.options().dtype(acc_type));
+  const bool with_stats = compute_grad || compute_stats;
+  at::Tensor stats = at::empty({with_stats ? N : 0, kRowStats}, x.options().dtype(acc_type));
   at::Tensor divisor_parts = at::empty({kDivisorParts}, x.options().dtype(at::kDouble));
   p.vectorized = p.vectorized && (!compute_grad || rows_aligned16(grad));  // picks the kernel
   p.bases_aligned = p.bases_aligned && (!compute_grad || aligned16(grad));
@@ -79,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> focal_loss_forward_cuda(
   p.out_dtype = to_dtype(out_dtype);
   p.loss = loss.mutable_data_ptr();
   p.grad = compute_grad ? grad.mutable_data_ptr() : nullptr;
-  p.stats = compute_grad ? stats.mutable_data_ptr() : nullptr;
+  p.stats = with_stats ? stats.mutable_data_ptr() : nullptr;
   p.divisor_parts = divisor_parts.mutable_data_ptr<double>();
   p.partials = reduced ? partials.mutable_data_ptr<double>() : nullptr;
   p.ticket = reduced ? reinterpret_cast<unsigned int*>(ticket.mutable_data_ptr<int>()) : nullptr;

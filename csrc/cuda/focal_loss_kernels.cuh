@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(TPR < 256 ? 256 : TPR)
     if (lane == 0) {
       if (active && p.reduction == ReductionKind::None) store_value(p.loss, row_i, p.out_dtype, row_loss);
       smem_loss[threadIdx.x / TPR] = active ? static_cast<double>(row_loss) : 0.0;
-      if (active && grad != nullptr) {
+      if (active && stats != nullptr) {
         A* o = stats + row_i * kRowStats;
         o[0] = rs.m; o[1] = rs.s; o[2] = rs.log_s; o[3] = rs.gamma; o[4] = rs.S; o[5] = rs.g_y;
         o[6] = rs.scale;

@@ -35,7 +35,7 @@ struct FocalLossLaunch {
   // forward
   void* loss;       // out_dtype: (n_rows) for ReductionKind::None, else ()
   void* grad;       // (n_rows, n_classes) in dtype, or null
-  void* stats;      // (n_rows, kRowStats) in the math type, written with grad
+  void* stats;      // (n_rows, kRowStats) in the math type, or null
   double* divisor_parts;  // (kDivisorParts) workspace: the mean's divisor (the sum of w_y over
                           // non-ignored samples, or N) in parts, summed by mean_divisor
   double* partials;       // (row blocks) workspace: per-block loss sums, summed in block order

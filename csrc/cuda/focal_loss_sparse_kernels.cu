@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(threads_of(TPR), 2048 / threads_of(TPR) / 2)
         store_value(p.loss, row_i, p.out_dtype, row_loss);
       }
       smem_loss[group] = active ? static_cast<double>(row_loss) : 0.0;
-      if (active && p.grad != nullptr) {
+      if (active && p.stats != nullptr) {
         float* o = static_cast<float*>(p.stats) + row_i * kRowStats;
         o[0] = m; o[1] = s; o[2] = log_s; o[3] = gamma; o[4] = S; o[5] = g_y; o[6] = scale;
       }
