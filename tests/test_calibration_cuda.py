@@ -60,6 +60,23 @@ def test_gpu_classwise_takes_any_n_bins(n_bins):
         ck.ece(p.cuda(), t.cuda(), 1025, backend="triton")
 
 
+def test_gpu_classwise_takes_millions_of_classes():
+    # a class a thread, 128 threads a block: beyond 65535 * 128 classes the blocks stride over
+    # the classes (the grid's y extent stops at 65535)
+    c = 65535 * 128 + 1000
+    g = torch.Generator().manual_seed(3)
+    p = torch.rand(3, c, generator=g) / c
+    t = torch.tensor([5, c - 1, -100])
+    p[0, 5], p[1, c - 2], p[1, 7] = 0.9, 0.6, 0.3  # a hit, a miss and the bins past 0
+    gpu = ck.calibration_bins(p.cuda(), t.cuda(), 2, from_logits=False, classwise=True,
+                              backend="cuda")
+    cpu = ck.calibration_bins(p, t, 2, from_logits=False, classwise=True)
+    for name in ["cw_counts", "cw_hits"]:
+        assert torch.equal(getattr(gpu, name).cpu(), getattr(cpu, name)), name
+    torch.testing.assert_close(gpu.cw_conf_sums.cpu(), cpu.cw_conf_sums, rtol=1e-12, atol=1e-12)
+    assert gpu.cw_counts[c - 1000:].sum().item() == 2 * 1000  # the last blocks' classes counted
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_bitwise_deterministic(backend):
     x, t = _data(50000, 100, dtype=torch.float32, seed=1)

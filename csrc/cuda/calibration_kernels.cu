@@ -417,53 +417,55 @@ __global__ void calibration_classwise_partials_kernel(CalibrationLaunch p, bool 
   using A = typename MathType<T>::type;
   using Count = std::conditional_t<SHARED, int, int64_t>;
   const int nb = p.n_bins;
-  const int64_t k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (k >= p.n_classes) return;
-  const int64_t out = static_cast<int64_t>(blockIdx.x) * p.n_classes * nb + k * nb;
-  double* sums;
-  Count* counts;
-  Count* hits;
-  if constexpr (SHARED) {
-    extern __shared__ unsigned char smem_raw[];
-    double* smem_sums = reinterpret_cast<double*>(smem_raw);                // [blockDim][nb]
-    int* smem_counts = reinterpret_cast<int*>(smem_sums + blockDim.x * nb);  // [2][blockDim][nb]
-    sums = smem_sums + threadIdx.x * nb;
-    counts = smem_counts + threadIdx.x * nb;
-    hits = smem_counts + (blockDim.x + threadIdx.x) * nb;
-  } else {
-    sums = p.cw_part_sums + out;
-    counts = p.cw_part_counts + out;
-    hits = p.cw_part_hits + out;
-  }
-  for (int b = 0; b < nb; ++b) {
-    sums[b] = 0.0;
-    counts[b] = 0;
-    hits[b] = 0;
-  }
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_chunk;
-  const int64_t last = first + rows_per_chunk < p.n_rows ? first + rows_per_chunk : p.n_rows;
-  const T* __restrict__ input = static_cast<const T*>(p.input);
-  const A* __restrict__ samples = static_cast<const A*>(p.samples);
-  for (int64_t i = first; i < last; ++i) {
-    const int64_t y = p.target[i];
-    if (y == p.ignore_index) continue;
-    const A* s = samples + i * kSampleColumns;
-    A pk = to_math(input[i * p.n_classes + k]);
-    if (from_logits) {
-      pk = ck_exp(pk - s[kRowMax]) / s[kRowSum];
-    } else if (s[kConfP] != s[kConfP]) {
-      pk = A(NAN);  // a poisoned row
+  // Classes stride by the grid's y extent (at most 65535 blocks): any number of classes.
+  for (int64_t k = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+       k < p.n_classes; k += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    const int64_t out = static_cast<int64_t>(blockIdx.x) * p.n_classes * nb + k * nb;
+    double* sums;
+    Count* counts;
+    Count* hits;
+    if constexpr (SHARED) {
+      extern __shared__ unsigned char smem_raw[];
+      double* smem_sums = reinterpret_cast<double*>(smem_raw);                // [blockDim][nb]
+      int* smem_counts = reinterpret_cast<int*>(smem_sums + blockDim.x * nb);  // [2][blockDim][nb]
+      sums = smem_sums + threadIdx.x * nb;
+      counts = smem_counts + threadIdx.x * nb;
+      hits = smem_counts + (blockDim.x + threadIdx.x) * nb;
+    } else {
+      sums = p.cw_part_sums + out;
+      counts = p.cw_part_counts + out;
+      hits = p.cw_part_hits + out;
     }
-    const int b = bin_index(pk, p.boundaries, nb);
-    counts[b] += 1;
-    sums[b] += static_cast<double>(pk);
-    hits[b] += y == k ? 1 : 0;
-  }
-  if constexpr (SHARED) {
     for (int b = 0; b < nb; ++b) {
-      p.cw_part_counts[out + b] = counts[b];
-      p.cw_part_sums[out + b] = sums[b];
-      p.cw_part_hits[out + b] = hits[b];
+      sums[b] = 0.0;
+      counts[b] = 0;
+      hits[b] = 0;
+    }
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_chunk;
+    const int64_t last = first + rows_per_chunk < p.n_rows ? first + rows_per_chunk : p.n_rows;
+    const T* __restrict__ input = static_cast<const T*>(p.input);
+    const A* __restrict__ samples = static_cast<const A*>(p.samples);
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t y = p.target[i];
+      if (y == p.ignore_index) continue;
+      const A* s = samples + i * kSampleColumns;
+      A pk = to_math(input[i * p.n_classes + k]);
+      if (from_logits) {
+        pk = ck_exp(pk - s[kRowMax]) / s[kRowSum];
+      } else if (s[kConfP] != s[kConfP]) {
+        pk = A(NAN);  // a poisoned row
+      }
+      const int b = bin_index(pk, p.boundaries, nb);
+      counts[b] += 1;
+      sums[b] += static_cast<double>(pk);
+      hits[b] += y == k ? 1 : 0;
+    }
+    if constexpr (SHARED) {
+      for (int b = 0; b < nb; ++b) {
+        p.cw_part_counts[out + b] = counts[b];
+        p.cw_part_sums[out + b] = sums[b];
+        p.cw_part_hits[out + b] = hits[b];
+      }
     }
   }
 }
@@ -653,8 +655,9 @@ cudaError_t launch_calibration_classwise(const CalibrationLaunch& p, bool from_l
     const int threads = shared ? classwise_threads(p.n_bins) : 128;
     const int64_t cw_chunks = calib_classwise_chunks(p.n_rows, p.n_classes, p.n_bins);
     const int64_t rows_per_chunk = p.n_rows == 0 ? 1 : (p.n_rows + cw_chunks - 1) / cw_chunks;
+    const int64_t class_blocks = (p.n_classes + threads - 1) / threads;
     const dim3 grid(static_cast<unsigned>(cw_chunks),
-                    static_cast<unsigned>((p.n_classes + threads - 1) / threads));
+                    static_cast<unsigned>(class_blocks < 65535 ? class_blocks : 65535));
     if (shared) {
       calibration_classwise_partials_kernel<decltype(tag), true>
           <<<grid, threads, static_cast<size_t>(threads) * p.n_bins * 16, stream>>>(
