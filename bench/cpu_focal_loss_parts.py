@@ -1,5 +1,7 @@
-"""Where the CPU focal loss's time goes at one shape: the forward with and without the gradient,
-the gradient phase a backward with grad_output != 1 runs, a same-size copy, and what first-touching a fresh buffer costs on this machine (page faults).
+"""Where the CPU focal loss's time goes at one shape: the forward with and without the gradient
+(and with the row statistics alone, a compiled step's forward), the gradient phase a backward with
+grad_output != 1 (or a compiled step) runs, a same-size copy, and what first-touching a fresh
+buffer costs on this machine (page faults).
 
     .venv/bin/python bench/cpu_focal_loss_parts.py [--n 8192] [--c 1000] [--repeats 200]
 
@@ -42,6 +44,8 @@ def main():
     groups = [{  # the kernel against a copy, then (apart: it evicts caches) the page-fault cost
         "forward with gradient": lambda: op(x, t, None, gamma, -100, 0.0, "mean", True),
         "forward, loss only": lambda: op(x, t, None, gamma, -100, 0.0, "mean", False),
+        "forward, statistics only (compiled)":
+            lambda: op(x, t, None, gamma, -100, 0.0, "mean", False, compute_stats=True),
         "gradient phase (grad_output != 1)":
             lambda: backward(go, x, t, None, gamma, stats, -100, 0.0, "mean"),
         "copy into an existing tensor": lambda: out.copy_(x),

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +50,17 @@ def liger_cross_entropy():
     return lambda x, t, gamma: fn(x, t)
 
 
-def implementations(gamma):
+def implementations(gamma, names=None):
     impls = {
         "cuda": lambda x, t, g: ck.focal_loss(x, t, gamma=g, backend="cuda"),
         "triton": lambda x, t, g: ck.focal_loss(x, t, gamma=g, backend="triton"),
     }
+    # Opt-in (--impls cuda+compile ...): our op inside a compiled step, whose traced forward
+    # writes the row statistics only and whose backward is the gradient phase (3 passes).
+    for backend in ("cuda", "triton"):
+        if names and f"{backend}+compile" in names:
+            step = torch.compile(partial(ck.focal_loss, backend=backend), dynamic=False)
+            impls[f"{backend}+compile"] = lambda x, t, g, step=step: step(x, t, gamma=g)
     if gamma == 0.0:
         impls["F.cross_entropy"] = lambda x, t, g: F.cross_entropy(x, t)
         liger = liger_cross_entropy()
@@ -210,7 +217,7 @@ def bench_focal(out, copy_gbps, shapes, impl_names=None, graph=True):
                                           for g in GAMMAS]:
         minimal = 2 * n * c * torch.finfo(dtype).bits // 8 + 8 * n
         results = {}
-        for name, fn in implementations(gamma).items():
+        for name, fn in implementations(gamma, impl_names).items():
             if impl_names and name not in impl_names:
                 continue
             try:
@@ -253,7 +260,9 @@ if __name__ == "__main__":
     parser.add_argument("--parts", nargs="+", default=["focal", "ece"], choices=["focal", "ece"])
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="NxC shapes (default: the CONTRACT §5 GPU shapes)")
-    parser.add_argument("--impls", nargs="+", default=None, help="only these implementations")
+    parser.add_argument("--impls", nargs="+", default=None,
+                        help="only these implementations (and the opt-in cuda+compile, "
+                             "triton+compile: the fused op inside torch.compile)")
     parser.add_argument("--no-graph", action="store_true",
                         help="skip the CUDA-graph replay timings (halves the run)")
     args = parser.parse_args()

@@ -175,6 +175,7 @@ def focal_loss_forward_kernel(X, TARGET, WEIGHT, TABLE, DIVISOR_PARTS, LOSS, GRA
     LOSS: the per-row losses, or with REDUCE the program's float64 sum of its rows' (summed by
     focal_loss_finish_kernel). MEAN with class indices: the gradient's divisor is the sum of
     focal_loss_divisor_kernel's DIVISOR_PARTS."""
+    tl.static_assert(HAS_STATS or not HAS_GRAD)  # the gradient is formed from the statistics
     math_t = MATH_T  # float32, or float64 for float64 logits
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     in_rows = rows < n_rows

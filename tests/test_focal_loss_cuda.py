@@ -168,7 +168,10 @@ def test_gpu_statistics_only_forward(backend, dtype, prob, smoothing, weighted):
         n = 300 if c <= 1000 else 9
         x, t = make_logits(n, c, dtype, seed=c, ignore_index=None if prob else -100)
         x = x.detach().cuda()
+        x[2, 5] = float("inf")  # a poisoned row: NaN statistics
         target = make_probs(x, seed=c) if prob else t.cuda()
+        if not prob:
+            target[4] = c  # out of range: a NaN row, never read out of bounds
         w = torch.rand(c, device="cuda").to(dtype) + 0.25 if weighted else None
         for reduction in ["none", "mean"]:
             assert_statistics_only_forward(_forward_op(backend), x, target, w, flsd, -100,

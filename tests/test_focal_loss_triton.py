@@ -216,7 +216,10 @@ def test_triton_statistics_only_forward(monkeypatch, layout, prob, smoothing, we
         monkeypatch.setattr(triton_ops, name, value)
     x, t = make_logits(13, 37, torch.float32, seed=3, ignore_index=None if prob else -100)
     x = x.detach().to(DEVICE)
+    x[2, 5] = float("inf")  # a poisoned row: NaN statistics
     target = make_probs(x, seed=3) if prob else t.to(DEVICE)
+    if not prob:
+        target[4] = 37  # out of range: a NaN row, never read out of bounds
     w = torch.rand(37, generator=torch.Generator().manual_seed(3)).to(DEVICE) + 0.25 \
         if weighted else None
     table = ck.NAMED_SCHEDULES["flsd-53"].table

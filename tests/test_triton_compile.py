@@ -35,8 +35,9 @@ def compile_all():
                            "n_classes": "i64", "ignore_index": "i64", "eps": "fp64"},
                           # a traced forward (prob) writes the statistics alone
                           {"N_PIECES": 2, "PROB": prob, "HAS_WEIGHT": True, "HAS_GRAD": not prob,
-                           "HAS_STATS": True, "DENSE": True, "MEAN": True, "REDUCE": prob, "MATH_T": math_t,
-                           "ROWS": 2, "BLOCK_C": 1024, "SINGLE": False, "ROW_ALIGN": 1}))
+                           "HAS_STATS": True, "DENSE": True, "MEAN": True, "REDUCE": prob,
+                           "MATH_T": math_t, "ROWS": 2, "BLOCK_C": 1024, "SINGLE": False,
+                           "ROW_ALIGN": 1}))
             cases.append((tk.focal_loss_backward_kernel,
                           {"X": f"*{dt}", "TARGET": target, "WEIGHT": f"*{acc}",
                            "STATS": f"*{acc}", "GRAD_OUTPUT": f"*{dt}", "GRAD": f"*{dt}",
