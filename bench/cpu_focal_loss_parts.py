@@ -1,7 +1,7 @@
 """Where the CPU focal loss's time goes at one shape: the forward with and without the gradient
 (and with the row statistics alone, a compiled step's forward), the gradient phase a backward with
-grad_output != 1 (or a compiled step) runs, a same-size copy, and what first-touching a fresh
-buffer costs on this machine (page faults).
+grad_output != 1 (or a compiled step) runs, a same-size copy; the ops of a training step, eager and
+compiled; and what first-touching a fresh buffer costs on this machine (page faults).
 
     .venv/bin/python bench/cpu_focal_loss_parts.py [--n 8192] [--c 1000] [--repeats 200]
 
@@ -41,6 +41,11 @@ def main():
         np.frombuffer(m, dtype=np.uint8).fill(1)
         m.close()
 
+    def traced_step(compute_grad):  # the ops of a compiled step's forward and backward graphs
+        _, _, st = op(x, t, None, gamma, -100, 0.0, "mean", compute_grad, compute_stats=True)
+        return backward(one, x, t, None, gamma, st, -100, 0.0, "mean")
+
+    one = torch.tensor(1.0)
     groups = [{  # the kernel against a copy, then (apart: it evicts caches) the page-fault cost
         "forward with gradient": lambda: op(x, t, None, gamma, -100, 0.0, "mean", True),
         "forward, loss only": lambda: op(x, t, None, gamma, -100, 0.0, "mean", False),
@@ -49,6 +54,11 @@ def main():
         "gradient phase (grad_output != 1)":
             lambda: backward(go, x, t, None, gamma, stats, -100, 0.0, "mean"),
         "copy into an existing tensor": lambda: out.copy_(x),
+    }, {  # a training step at grad_output 1: eager hands out the forward's gradient
+        "eager step (forward with gradient)":
+            lambda: op(x, t, None, gamma, -100, 0.0, "mean", True),
+        "compiled step (statistics, gradient phase)": lambda: traced_step(False),
+        "compiled step before 8afb522 (+ gradient)": lambda: traced_step(True),
     }, {
         "first touch of a fresh buffer (1 thread)": first_touch,
         "rewrite of a touched buffer (1 thread)":
