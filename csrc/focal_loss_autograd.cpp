@@ -86,9 +86,13 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
                             c10::string_view reduction, c10::string_view backend,
                             std::optional<at::ScalarType> dtype, bool compute_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // Traced (torch.compile, export): the backward is a functional graph that cannot take over a
-    // buffer, so it runs the gradient phase, and the forward writes only the row statistics.
-    const bool eager_grad = compute_grad && is_plain(input);
+    // The forward writes the gradient for grad_output = 1 where the backward will likely take it
+    // as it is: an eager scalar loss, not float16. Per-sample losses are masked or weighted and
+    // float16 trains under loss scaling (grad_output is almost never 1), and a traced backward
+    // (torch.compile, export) cannot take over a buffer: there the forward writes the row
+    // statistics alone and the backward runs the gradient phase, 3 passes over N x C, not 4.
+    const bool eager_grad = compute_grad && is_plain(input) && reduction != "none" &&
+                            input.scalar_type() != at::kHalf;
     auto [loss, grad, stats] = phase_ops(backend).forward.call(
         input, target, weight, gamma, ignore_index, label_smoothing, reduction, eager_grad,
         dtype, /*compute_stats=*/compute_grad);

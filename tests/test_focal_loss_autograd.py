@@ -11,7 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import make_logits, make_probs, rel_err
+from helpers import (assert_backward_in_place_keeps_rows_at_one, assert_within_twice_eager,
+                     make_logits, make_probs, rel_err)
 
 GAMMAS = [0.0, 2.0, "flsd-53"]
 
@@ -28,18 +29,42 @@ def _ops_called(fn):
     return {e.name for e in prof.function_events}
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_plain_backward_takes_the_stored_gradient(reduction):
     # loss.backward() (grad_output = 1): the forward's gradient is the answer; the gradient phase
     # (one more read and write of N x C) does not run.
     x, t = _case()
     x.requires_grad_()
     loss = ck.focal_loss(x, t, reduction=reduction)
-    called = _ops_called(lambda: loss.sum().backward() if reduction == "none" else
-                         loss.backward())
+    called = _ops_called(loss.backward)
     assert "calibkernels::focal_loss_backward" not in called
-    (expected,) = torch.autograd.grad(reference.focal_loss(x, t, reduction=reduction).sum(), x)
+    assert "calibkernels::focal_loss_backward_" in called  # which exits at once: grad_output 1
+    (expected,) = torch.autograd.grad(reference.focal_loss(x, t, reduction=reduction), x)
     assert rel_err(x.grad, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype,reduction", [(torch.float64, "none"), (torch.float16, "mean"),
+                                             (torch.float16, "none")], ids=str)
+def test_per_sample_and_float16_losses_recompute_the_gradient(dtype, reduction):
+    # per-sample losses are masked or weighted, float16 trains under loss scaling: grad_output is
+    # almost never 1, so the forward writes the row statistics alone (no gradient to rewrite) and
+    # the backward runs the gradient phase once, grad_output applied before the rounding
+    x, t = _case(2)
+    x = x.to(dtype).requires_grad_()
+    loss = ck.focal_loss(x, t, reduction=reduction, gamma="flsd-53")
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=dtype).reshape(loss.shape) * 1024
+    called = _ops_called(lambda: loss.backward(go))
+    assert "calibkernels::focal_loss_backward" in called
+    assert "calibkernels::focal_loss_backward_" not in called
+    x64, xe = x.detach().double().requires_grad_(), x.detach().clone().requires_grad_()
+    (truth,) = torch.autograd.grad(reference.focal_loss(x64, t, reduction=reduction,
+                                                        gamma="flsd-53"), x64, go.double())
+    (eager,) = torch.autograd.grad(reference.focal_loss(xe, t, reduction=reduction,
+                                                        gamma="flsd-53"), xe, go)
+    if dtype == torch.float64:
+        assert rel_err(x.grad, truth) <= 1e-12
+    else:
+        assert_within_twice_eager(x.grad, eager, truth, dtype, "float16 gradient")
 
 
 @pytest.mark.parametrize("prob", [False, True])
@@ -223,6 +248,17 @@ def test_unbatched_input_backward_again_after_its_gradient_is_modified():
     loss.backward()
     (expected,) = torch.autograd.grad(reference.focal_loss(x, t, gamma=2.0), x)
     torch.testing.assert_close(x.grad, 4 * expected)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_backward_in_place_keeps_rows_at_one(smoothing):
+    # the in-place phase's per-row grad_output (the op's contract; focal_loss itself recomputes
+    # per-sample losses)
+    x, t = _case(10)
+    ops = torch.ops.calibkernels
+    assert_backward_in_place_keeps_rows_at_one(
+        ops.focal_loss_forward, ops.focal_loss_backward, ops.focal_loss_backward_, x.float(), t,
+        torch.rand(7) + 0.5, ck.NAMED_SCHEDULES["flsd-53"].table, -100, smoothing)
 
 
 def test_backward_op_called_directly_checks_targets():

@@ -9,8 +9,9 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import (assert_nan_logits_like_torch, assert_statistics_only_forward,
-                     assert_within_twice_eager, loss_and_grad, make_logits, make_probs, rel_err)
+from helpers import (assert_backward_in_place_keeps_rows_at_one, assert_nan_logits_like_torch,
+                     assert_statistics_only_forward, assert_within_twice_eager, loss_and_grad,
+                     make_logits, make_probs, rel_err)
 
 pytestmark = pytest.mark.cuda
 
@@ -179,6 +180,20 @@ def test_gpu_statistics_only_forward(backend, dtype, prob, smoothing, weighted):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c,smoothing", [(10, 0.0), (1000, 0.0), (1000, 0.1), (128256, 0.0)])
+def test_gpu_backward_in_place_keeps_rows_at_one(backend, c, smoothing):
+    # the in-place phase's per-row grad_output: rows at 1 exit, the others are rewritten
+    x, t = make_logits(64 if c <= 1000 else 6, c, torch.bfloat16, seed=c, ignore_index=-100)
+    fwd = _forward_op(backend)
+    names = ("focal_loss_backward_triton", "focal_loss_backward_triton_") \
+        if backend == "triton" else ("focal_loss_backward", "focal_loss_backward_")
+    bwd, bwd_ = (getattr(torch.ops.calibkernels, name) for name in names)
+    assert_backward_in_place_keeps_rows_at_one(
+        fwd, bwd, bwd_, x.detach().cuda(), t.cuda(), torch.rand(c, device="cuda") + 0.5,
+        ck.NAMED_SCHEDULES["flsd-53"].table, -100, smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_backward_scales_by_grad_output(backend):
     n, c = 1024, 4096
     x = torch.randn(n, c, device="cuda", generator=torch.Generator("cuda").manual_seed(5))
@@ -229,8 +244,8 @@ def test_gpu_probability_targets(backend, dtype, gamma, smoothing):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_backward_phases_and_retain_graph(backend):
-    # grad_output is read on the device: 1 keeps the stored gradient, anything else rewrites it
-    # from the input and the row statistics; later backwards never touch a handed-out gradient.
+    # reduction="none": the gradient phase from the input and the row statistics at every
+    # grad_output; later backwards never touch a handed-out gradient.
     x, t = make_logits(64, 1000, torch.float32, seed=6, ignore_index=-100)
     x, t = x.detach().cuda().requires_grad_(), t.cuda()
     loss = ck.focal_loss(x, t, reduction="none", label_smoothing=0.1, gamma="flsd-53",
@@ -358,7 +373,7 @@ def test_gpu_backward_reads_grad_output_as_it_is(backend, c):
         loss = ck.focal_loss(x, t, reduction="none", gamma="flsd-53", backend=backend)
         (e,) = torch.autograd.grad(truth, x64, go.double(), retain_graph=True)
         (ge,) = torch.autograd.grad(eager, xe, go, retain_graph=True)
-        for phase in ["in place", "fresh"]:  # the stored gradient rewritten, then a new one
+        for phase in ["first", "retained"]:  # reduction="none": the gradient phase each time
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 (g,) = torch.autograd.grad(loss, x, go, retain_graph=True)

@@ -10,8 +10,9 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from helpers import (assert_nan_logits_like_torch, assert_statistics_only_forward,
-                     assert_within_twice_eager, loss_and_grad, make_logits, make_probs)
+from helpers import (assert_backward_in_place_keeps_rows_at_one, assert_nan_logits_like_torch,
+                     assert_statistics_only_forward, assert_within_twice_eager, loss_and_grad,
+                     make_logits, make_probs)
 
 pytestmark = pytest.mark.skipif(
     not ck.ops.triton_available()
@@ -123,7 +124,7 @@ def test_triton_probability_targets(dtype, weighted, smoothing, gamma):
 
 
 def test_triton_backward_phases():
-    # the stored gradient for grad_output = 1, the gradient phase otherwise, retain_graph
+    # reduction="none": the gradient phase at every grad_output, retain_graph
     x, t = make_logits(8, 33, torch.float32, seed=4, ignore_index=-100)
     x = x.detach().to(DEVICE).requires_grad_()
     loss = ck.focal_loss(x, t, reduction="none", label_smoothing=0.1, gamma="flsd-53",
@@ -134,6 +135,21 @@ def test_triton_backward_phases():
         (g,) = torch.autograd.grad(loss, x, go.to(DEVICE), retain_graph=True)
         (e,) = torch.autograd.grad(ref, x, go.double().to(DEVICE), retain_graph=True)
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["streamed", "row-tiles"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_triton_backward_in_place_keeps_rows_at_one(monkeypatch, layout, smoothing):
+    ck.ops.load_triton()
+    from calibkernels import triton_ops
+    for name, value in _layouts()[layout].items():
+        monkeypatch.setattr(triton_ops, name, value)
+    x, t = make_logits(13, 37, torch.float32, seed=12, ignore_index=-100)
+    ops = torch.ops.calibkernels
+    assert_backward_in_place_keeps_rows_at_one(
+        ops.focal_loss_forward_triton, ops.focal_loss_backward_triton,
+        ops.focal_loss_backward_triton_, x.detach().to(DEVICE), t.to(DEVICE),
+        (torch.rand(37) + 0.5).to(DEVICE), ck.NAMED_SCHEDULES["flsd-53"].table, -100, smoothing)
 
 
 def test_triton_infinite_logits_like_cross_entropy():
@@ -286,7 +302,7 @@ def test_triton_grad_output_in_its_dtype_and_stride():
         assert go.stride(0) != 1
         ours = ck.focal_loss(x, t, reduction="none", gamma="flsd-53", backend="triton")
         (e,) = torch.autograd.grad(truth, x64, go.double(), retain_graph=True)
-        for _ in range(2):  # the stored gradient rewritten in place, then a fresh one
+        for _ in range(2):  # reduction="none": the gradient phase, each time a fresh tensor
             (g,) = torch.autograd.grad(ours, x, go, retain_graph=True)
             torch.testing.assert_close(g.double(), e, rtol=2e-2, atol=1e-4)
     with pytest.raises(ValueError, match="grad_output must have 9 values"):
