@@ -98,8 +98,8 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
         dtype, /*compute_stats=*/compute_grad);
     ctx->set_materialize_grads(false);
     if (compute_grad) {
-      // The forward's gradient (grad_output = 1) is `grad`; the input and the row statistics let
-      // backward write any other grad_output's gradient, rounded once.
+      // The forward's gradient (grad_output = 1), if it wrote one, is `grad`; the input and the
+      // row statistics let backward write any other grad_output's gradient, rounded once.
       ctx->save_for_backward({input, target, weight.value_or(at::Tensor()), gamma, stats});
       // Not a saved variable: the first backward hands this very buffer out and forgets it, so
       // that nothing the user holds is ever version-checked or rewritten by a later backward.
@@ -148,7 +148,8 @@ struct FocalLossFunction : public torch::autograd::Function<FocalLossFunction> {
                          reduction);
       out[0] = grad;
     } else {
-      // Later backwards (retain_graph), or a traced graph: a fresh gradient, one read and write.
+      // No stored gradient (statistics only, or a later backward with retain_graph), or a traced
+      // graph: a fresh gradient, one read and one write.
       out[0] = ops.backward.call(go, input, target, weight, gamma, stats, ignore_index, eps,
                                  reduction);
     }

@@ -113,12 +113,13 @@ def assert_statistics_only_forward(forward, *args):
 
 def assert_backward_in_place_keeps_rows_at_one(forward, backward, backward_, x, target, *args):
     """The in-place gradient phase backward_ over the forward's gradient, with a per-row
-    grad_output (reduction "none"; args: weight, gamma table, ignore_index, label_smoothing): the
-    rows whose grad_output is 1 keep the forward's gradient untouched, the others are rewritten,
-    bit for bit as the functional phase writes them."""
+    grad_output in the input's dtype (reduction "none"; args: weight, gamma table, ignore_index,
+    label_smoothing): the rows whose grad_output is 1 keep the forward's gradient (the GPU
+    kernels skip them; the CPU rewrites them to the same bits), the others are rewritten, bit for
+    bit as the functional phase writes them."""
     _, grad, stats = forward(x, target, *args, "none", True)
     stored = grad.clone()
-    go = torch.linspace(0.5, 1.5, x.shape[0], dtype=stats.dtype, device=x.device)
+    go = torch.linspace(0.5, 1.5, x.shape[0], dtype=x.dtype, device=x.device)
     go[::3] = 1.0
     backward_(grad, go, x, target, args[0], args[1], stats, *args[2:], "none")
     fresh = backward(go, x, target, args[0], args[1], stats, *args[2:], "none")

@@ -43,24 +43,29 @@ def test_plain_backward_takes_the_stored_gradient(reduction):
     assert rel_err(x.grad, expected) <= 1e-12
 
 
-@pytest.mark.parametrize("dtype,reduction", [(torch.float64, "none"), (torch.float16, "mean"),
-                                             (torch.float16, "none")], ids=str)
-def test_per_sample_and_float16_losses_recompute_the_gradient(dtype, reduction):
-    # per-sample losses are masked or weighted, float16 trains under loss scaling: grad_output is
-    # almost never 1, so the forward writes the row statistics alone (no gradient to rewrite) and
-    # the backward runs the gradient phase once, grad_output applied before the rounding
+@pytest.mark.parametrize("dtype,reduction,amp", [
+    (torch.float64, "none", False), (torch.float16, "mean", False),
+    (torch.float16, "none", False), (torch.float16, "mean", True)], ids=str)
+def test_per_sample_and_float16_losses_recompute_the_gradient(dtype, reduction, amp):
+    # per-sample losses are masked or weighted, float16 trains under loss scaling (here scaled by
+    # 1024, under autocast too): grad_output is almost never 1, so the forward writes the row
+    # statistics alone (no gradient to rewrite) and the backward runs the gradient phase once,
+    # grad_output applied before the rounding
     x, t = _case(2)
     x = x.to(dtype).requires_grad_()
-    loss = ck.focal_loss(x, t, reduction=reduction, gamma="flsd-53")
-    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=dtype).reshape(loss.shape) * 1024
+    with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+        loss = ck.focal_loss(x, t, reduction=reduction, gamma="flsd-53")
+    assert loss.dtype == (torch.float32 if amp else dtype)
+    go = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape) * 1024
     called = _ops_called(lambda: loss.backward(go))
     assert "calibkernels::focal_loss_backward" in called
     assert "calibkernels::focal_loss_backward_" not in called
     x64, xe = x.detach().double().requires_grad_(), x.detach().clone().requires_grad_()
     (truth,) = torch.autograd.grad(reference.focal_loss(x64, t, reduction=reduction,
                                                         gamma="flsd-53"), x64, go.double())
-    (eager,) = torch.autograd.grad(reference.focal_loss(xe, t, reduction=reduction,
-                                                        gamma="flsd-53"), xe, go)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+        eager_loss = reference.focal_loss(xe, t, reduction=reduction, gamma="flsd-53")
+    (eager,) = torch.autograd.grad(eager_loss, xe, go.to(eager_loss.dtype))
     if dtype == torch.float64:
         assert rel_err(x.grad, truth) <= 1e-12
     else:

@@ -33,6 +33,13 @@ def _forward_op(backend):
     return torch.ops.calibkernels.focal_loss_forward
 
 
+def _backward_op(backend):
+    if backend == "triton":
+        ck.ops.load_triton()
+        return torch.ops.calibkernels.focal_loss_backward_triton
+    return torch.ops.calibkernels.focal_loss_backward
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weighted,ignore_index,smoothing", OPTIONS, ids=str)
@@ -158,12 +165,14 @@ def test_gpu_compiled_backward_matches_eager(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("prob,smoothing,weighted", [(False, 0.0, False), (False, 0.1, True),
                                                      (True, 0.0, True)], ids=str)
 def test_gpu_statistics_only_forward(backend, dtype, prob, smoothing, weighted):
-    # a traced graph's forward: the row statistics alone, as with the gradient, at every row
-    # layout (several rows per warp, a row per block, a cluster's row, streamed rows)
+    # a traced graph's forward (and every float16 or per-sample one): the row statistics alone, as
+    # with the gradient, at every row layout (several rows per warp, a row per block, a cluster's
+    # row, streamed rows); and the forward's gradient, which focal_loss now asks for only where
+    # the loss is a scalar and not float16, is the gradient phase's at grad_output 1
     flsd = ck.NAMED_SCHEDULES["flsd-53"].table
     for c in [10, 1000, 32000, 128256, 50257]:
         n = 300 if c <= 1000 else 9
@@ -175,8 +184,13 @@ def test_gpu_statistics_only_forward(backend, dtype, prob, smoothing, weighted):
             target[4] = c  # out of range: a NaN row, never read out of bounds
         w = torch.rand(c, device="cuda").to(dtype) + 0.25 if weighted else None
         for reduction in ["none", "mean"]:
-            assert_statistics_only_forward(_forward_op(backend), x, target, w, flsd, -100,
-                                           smoothing, reduction)
+            args = (x, target, w, flsd, -100, smoothing, reduction)
+            assert_statistics_only_forward(_forward_op(backend), *args)
+            _, grad, stats = _forward_op(backend)(*args, True)
+            one = torch.ones(n if reduction == "none" else (), device="cuda", dtype=dtype)
+            fresh = _backward_op(backend)(one, x, target, w, flsd, stats, -100, smoothing,
+                                          reduction)
+            torch.testing.assert_close(grad, fresh, equal_nan=True)  # to an ulp: other kernels
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -413,9 +427,10 @@ SHARED_CHUNKS = [1, 2, 4, 5, 8, 9, 32, 33, 128, 129, 512, 513, 1024, 1025, 2048,
 
 
 def _check_sparse_rows(dtype, gamma, c, i):
-    # the stored gradient (grad_output 1: the forward's registers) and the gradient phase from its
-    # row statistics (any other grad_output), with weights, ignored rows, a confident and an
-    # all-equal row, several rows a block and a partly empty last one
+    # loss.sum()'s gradient (the forward's registers for a scalar loss that is not float16, the
+    # gradient phase otherwise) and the gradient phase from the row statistics (any other
+    # grad_output), with weights, ignored rows, a confident and an all-equal row, several rows a
+    # block and a partly empty last one
     n = 37 if c <= 8192 else 8  # 8: confident rows 0 and 4, the all-equal row 2 is live
     reduction = ["none", "mean", "sum"][i % 3]
     x, t = make_logits(n, c, dtype, seed=i, ignore_index=-100)

@@ -138,17 +138,18 @@ def test_triton_backward_phases():
 
 
 @pytest.mark.parametrize("layout", ["streamed", "row-tiles"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_triton_backward_in_place_keeps_rows_at_one(monkeypatch, layout, smoothing):
+@pytest.mark.parametrize("prob,smoothing", [(False, 0.0), (False, 0.1), (True, 0.0)], ids=str)
+def test_triton_backward_in_place_keeps_rows_at_one(monkeypatch, layout, prob, smoothing):
     ck.ops.load_triton()
     from calibkernels import triton_ops
     for name, value in _layouts()[layout].items():
         monkeypatch.setattr(triton_ops, name, value)
-    x, t = make_logits(13, 37, torch.float32, seed=12, ignore_index=-100)
+    x, t = make_logits(13, 37, torch.float32, seed=12, ignore_index=None if prob else -100)
+    x = x.detach().to(DEVICE)
     ops = torch.ops.calibkernels
     assert_backward_in_place_keeps_rows_at_one(
         ops.focal_loss_forward_triton, ops.focal_loss_backward_triton,
-        ops.focal_loss_backward_triton_, x.detach().to(DEVICE), t.to(DEVICE),
+        ops.focal_loss_backward_triton_, x, make_probs(x, seed=12) if prob else t.to(DEVICE),
         (torch.rand(37) + 0.5).to(DEVICE), ck.NAMED_SCHEDULES["flsd-53"].table, -100, smoothing)
 
 
@@ -187,8 +188,9 @@ def _layouts():
 @pytest.mark.parametrize("gamma", [3.0, "flsd-53"], ids=str)
 def test_triton_layouts_match_reference(monkeypatch, layout, prob, smoothing, weighted, gamma):
     # Both kernel shapes (rows held whole, several per program; rows streamed in pieces) at
-    # sizes the interpreter can run, with a grad_output that is 1 on some rows only (those rows
-    # keep the forward's gradient, the others go through the gradient phase).
+    # sizes the interpreter can run, with a grad_output that is 1 on some rows only (per-sample
+    # losses: the gradient phase for every row; test_triton_backward_in_place_keeps_rows_at_one
+    # has the in-place phase that skips rows at 1).
     ck.ops.load_triton()
     from calibkernels import triton_ops
     for name, value in _layouts()[layout].items():
