@@ -200,8 +200,7 @@ def focal_loss_forward_triton(input: torch.Tensor, target: torch.Tensor,
             grad if compute_grad else loss, stats if with_stats else loss, n, c,
             ignore_index, float(label_smoothing), N_PIECES=(table.numel() - 1) // 2,
             PROB=prob, HAS_WEIGHT=w is not None, HAS_GRAD=compute_grad, HAS_STATS=with_stats,
-            DENSE=dense,
-            MEAN=mean, REDUCE=reduce, MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
+            DENSE=dense, MEAN=mean, REDUCE=reduce, MATH_T=_math_t(acc), ROWS=rows, BLOCK_C=block,
             SINGLE=single, ROW_ALIGN=_row_align(c), num_warps=warps)
     if not reduce:
         return loss, grad, stats
