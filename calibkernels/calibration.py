@@ -229,7 +229,8 @@ def classwise_ece(logits_or_probs, target, n_bins=15, from_logits=None, ignore_i
 
 
 def per_sample(logits_or_probs, target, *, from_logits=None, ignore_index=-100, backend="auto"):
-    """(confidence, correct) of every non-ignored sample, from the fused kernel."""
+    """(confidence, correct) of every non-ignored sample, from the fused kernel (a sample whose
+    confidence is NaN, from a NaN or +inf logit, is not correct)."""
     rows, target = as_rows(logits_or_probs, target)
     _, conf, correct = _bins(rows, target, 1, from_logits, ignore_index, False, True, backend)
     keep = target != ignore_index
@@ -304,11 +305,13 @@ def report_from_state(s: CalibrationState, samples=None):
     (confidence, correct) are given."""
     n = s.n_samples
     nd = n.double()
+    # a NaN confidence poisons accuracy too, as every other metric (on the device: no sync)
+    poisoned = s.conf_sums.sum().isnan()
+    accuracy = torch.where(poisoned, torch.nan, s.hits.sum().double() / nd)
     out = {"ece": binned_error(s.counts, s.conf_sums, s.hits, "l1"),
            "mce": binned_error(s.counts, s.conf_sums, s.hits, "max"),
            "rmsce": binned_error(s.counts, s.conf_sums, s.hits, "l2"),
-           "brier": s.brier / nd, "nll": s.nll / nd, "accuracy": s.hits.sum().double() / nd,
-           "n": n}
+           "brier": s.brier / nd, "nll": s.nll / nd, "accuracy": accuracy, "n": n}
     if s.cw_counts is not None:
         out["classwise_ece"] = classwise_ece_from_state(s.cw_counts, s.cw_conf_sums, s.cw_hits)
     if samples is not None:

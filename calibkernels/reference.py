@@ -107,7 +107,7 @@ def calibration_error(x, target, n_bins=15, norm="l1", from_logits=None, ignore_
     """Top-label ECE ("l1"), MCE ("max") or RMSCE ("l2"), in float64."""
     p, t = _probs(x, target, from_logits, ignore_index)
     conf, pred = p.max(1)
-    correct = (pred == t).double()
+    correct = ((pred == t) & ~conf.isnan()).double()  # a NaN confidence: never correct
     conf64, bins = conf.double(), _bin_of(conf, n_bins)
     n = len(conf)
     if n == 0:
@@ -148,7 +148,7 @@ def adaptive_ece(x, target, n_bins=15, from_logits=None, ignore_index=-100):
     sorted confidences) in float64, compared in float32; bins (lo, hi], the first closed."""
     p, t = _probs(x, target, from_logits, ignore_index)
     conf, pred = p.max(1)
-    correct = (pred == t).double()
+    correct = ((pred == t) & ~conf.isnan()).double()  # a NaN confidence: never correct
     n = len(conf)
     if n == 0:
         return torch.tensor(float("nan"), dtype=torch.float64)

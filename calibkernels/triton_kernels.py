@@ -486,7 +486,7 @@ def calibration_rows_kernel(X, TARGET, SAMPLES, CORRECT, INSIDE, TICKET, n_rows,
     tl.store(out + 5, tl.where(poison_p, nan, -tl.log(tl.maximum(x_y, 0.0))), mask=in_rows)
     tl.store(out + 6, m, mask=in_rows)
     tl.store(out + 7, tl.where(bad, nan, s), mask=in_rows)
-    tl.store(CORRECT + rows, idx == y, mask=in_rows)
+    tl.store(CORRECT + rows, idx == y, mask=in_rows)  # a NaN confidence voids it, at its use
     tl.store(INSIDE + rows, ~kept | (outside == 0), mask=in_rows)
 
 
@@ -503,7 +503,9 @@ def _top_partials(SAMPLES, BETA, PART_COUNTS, PART_SUMS, PART_HITS, PART_TOTALS,
     tl.store(PART_COUNTS + out, tl.sum(onehot.to(tl.int64), 0), mask=bins < N_BINS)
     tl.store(PART_SUMS + out, tl.sum(tl.where(onehot, c.to(tl.float64)[:, None], 0.0), 0),
              mask=bins < N_BINS)
-    tl.store(PART_HITS + out, tl.sum(tl.where(onehot, hit[:, None], 0), 0), mask=bins < N_BINS)
+    # a NaN confidence (a NaN or +inf logit, a poisoned reading) is no hit
+    hits = onehot & ((hit != 0) & (c == c))[:, None]
+    tl.store(PART_HITS + out, tl.sum(hits.to(tl.int64), 0), mask=bins < N_BINS)
     brier = tl.load(SAMPLES + rows * 8 + column + 1, mask=keep, other=0.0).to(tl.float64)
     nll = tl.load(SAMPLES + rows * 8 + column + 2, mask=keep, other=0.0).to(tl.float64)
     tl.store(PART_TOTALS + part * 2, tl.sum(tl.where(keep, brier, 0.0), 0))

@@ -373,9 +373,9 @@ def calibration_bins_triton(
         probs = totals[2] > 0.5  # the reading the top kernel kept, on the device
         cw = [tuple(torch.where(probs, p, l) for l, p in zip(*cw))] if classwise else cw
         conf = [torch.where(probs, conf[1], conf[0])] if per_sample else conf
-    if not per_sample:
-        correct = correct[:0]
-    return (counts, conf_sums, hits, *cw[0], conf[0].contiguous(), correct.clone(), totals)
+    # a NaN confidence (a NaN or +inf logit, a poisoned reading) is never correct
+    correct = correct & ~conf[0].isnan() if per_sample else correct[:0].clone()
+    return (counts, conf_sums, hits, *cw[0], conf[0].contiguous(), correct, totals)
 
 
 @triton_op("calibkernels::calibration_sweep_triton", mutates_args=())

@@ -144,6 +144,45 @@ def test_per_sample_confidence_and_argmax_ties():
     assert correct.tolist() == [True, True, False]  # lowest index wins ties, as torch.argmax
 
 
+def poisoned_logits(c, dtype=torch.float32, seed=0):
+    """Rows torch.argmax calls right but whose confidence is NaN (all NaN, NaN or +inf at the
+    target, NaN beside it, all -inf), each kind at the start, middle and end of a row, among clean
+    rows: (logits, target, the expected correctness)."""
+    x, t = _data(64, c, dtype=torch.float64, seed=seed)
+    nan, inf = float("nan"), float("inf")
+    r = 0
+    for k in sorted({0, c // 2, c - 1}):
+        for poison in ["all", "nan_at_target", "nan_beside", "inf_at_target", "all_-inf"]:
+            t[r] = k
+            if poison == "all":
+                x[r] = nan
+            elif poison == "all_-inf":
+                x[r] = -inf
+            elif poison == "nan_beside":
+                x[r, k] = x[r].max() + 1  # the target is the max of the other values
+                x[r, (k + 1) % c] = nan
+            else:
+                x[r, k] = nan if poison == "nan_at_target" else inf
+            r += 1
+    x = x.to(dtype)
+    conf, pred = x.double().softmax(1).max(1)  # the values as passed: rounding may make ties
+    return x, t, (pred == t) & ~conf.isnan()
+
+
+def test_a_nan_confidence_is_never_correct():
+    # torch.argmax names the first NaN; a row max may drop it: our rule is one for every backend
+    for c in [2, 5, 40, 100]:
+        x, t, expected = poisoned_logits(c)
+        conf, correct = per_sample(x, t)
+        assert torch.equal(conf.isnan(), x.double().softmax(1).amax(1).isnan())
+        assert torch.equal(correct, expected), c
+        s = ck.calibration_bins(x, t)
+        assert s.hits.sum() == expected.sum()
+        report = ck.calibration_report(x, t)
+        assert all(v.isnan() for k, v in report.items() if k != "n"), report
+        assert reference.calibration_error(x, t).isnan()
+
+
 def test_meter_streams_and_round_trips():
     x, t = _data(3000, 10, dtype=torch.float32, seed=7, ignore=True)
     meter = ck.CalibrationMeter(classwise=True, adaptive=True)

@@ -5,7 +5,8 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from test_calibration import _data
+from calibkernels.calibration import per_sample
+from test_calibration import _data, poisoned_logits
 
 pytestmark = pytest.mark.cuda
 
@@ -86,6 +87,33 @@ def test_gpu_bitwise_deterministic(backend):
         again = ck.calibration_bins(x, t, 15, classwise=True, backend=backend)
         for name in ["counts", "conf_sums", "hits", "cw_counts", "cw_conf_sums", "cw_hits"]:
             assert torch.equal(getattr(first, name), getattr(again, name)), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_never_counts_a_nan_confidence_correct(backend, dtype):
+    # fmaxf and a GPU's tl.max drop a NaN that torch.argmax would name: the rule is the CPU's
+    for c in [2, 5, 40, 100, 1000, 5000, 40000]:  # every row layout, registers and streamed
+        x, t, expected = poisoned_logits(c, dtype)
+        conf, correct = per_sample(x.cuda(), t.cuda(), backend=backend)
+        assert torch.equal(correct.cpu(), expected), c
+        assert torch.equal(conf.isnan().cpu(), per_sample(x, t)[0].isnan()), c
+        s = ck.calibration_bins(x.cuda(), t.cuda(), backend=backend)
+        assert s.hits.sum().item() == expected.sum().item(), c
+        report = ck.calibration_report(x.cuda(), t.cuda(), backend=backend)
+        assert all(v.isnan() for k, v in report.items() if k != "n"), (c, report)
+    # a value outside [0, 1] poisons the probability reading (the CPU raises): never correct
+    for mode in [False, None]:  # forced, and decided on the device
+        x, t = _data(40, 7, dtype=torch.float32, seed=9)
+        p = x.softmax(1).to(dtype)
+        p[3, t[3]] = 1.5  # the argmax, at the target
+        conf, correct = per_sample(p.cuda(), t.cuda(), from_logits=mode, backend=backend)
+        if mode is False:
+            assert conf[3].isnan() and not correct[3]
+        expected = (p.float().argmax(1) == t) & ~conf.isnan().cpu()
+        assert torch.equal(correct.cpu(), expected), mode
+        s = ck.calibration_bins(p.cuda(), t.cuda(), from_logits=mode, backend=backend)
+        assert s.hits.sum().item() == expected.sum().item(), mode
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

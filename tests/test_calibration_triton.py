@@ -9,8 +9,8 @@ import torch
 
 import calibkernels as ck
 from calibkernels import reference
-from calibkernels.calibration import binned_error, classwise_ece_from_state
-from test_calibration import _data
+from calibkernels.calibration import binned_error, classwise_ece_from_state, per_sample
+from test_calibration import _data, poisoned_logits
 
 pytestmark = pytest.mark.skipif(
     not ck.ops.triton_available()
@@ -73,6 +73,28 @@ def test_triton_poisons_bad_samples_instead_of_reading_astray():
     p[4, 1] = 1.5  # not a probability
     assert torch.isnan(ck.ece(p, t, from_logits=False, backend="triton"))
     assert torch.isfinite(ck.ece(x.softmax(1), t, from_logits=False, backend="triton"))
+
+
+def test_triton_never_counts_a_nan_confidence_correct():
+    # the rule must not depend on whether a max keeps a NaN (numpy's and a GPU's differ)
+    for c in [2, 5, 40, 100]:
+        x, t, expected = poisoned_logits(c)
+        conf, correct = per_sample(x.to(DEVICE), t.to(DEVICE), backend="triton")
+        assert torch.equal(correct.cpu(), expected), c
+        assert torch.equal(conf.isnan().cpu(), per_sample(x, t)[0].isnan()), c
+        s = ck.calibration_bins(x.to(DEVICE), t.to(DEVICE), backend="triton")
+        assert s.hits.sum().item() == expected.sum().item()
+        report = ck.calibration_report(x.to(DEVICE), t.to(DEVICE), backend="triton")
+        assert all(v.isnan() for k, v in report.items() if k != "n"), report
+    # a value outside [0, 1] poisons the probability reading (the CPU raises): never correct
+    x, t = _data(40, 7, dtype=torch.float32, seed=9)
+    p = x.softmax(1)
+    p[3, t[3]] = 1.5  # the argmax, at the target
+    conf, correct = per_sample(p.to(DEVICE), t.to(DEVICE), from_logits=False, backend="triton")
+    assert conf[3].isnan() and not correct[3]
+    assert torch.equal(correct.cpu(), (p.argmax(1) == t) & (torch.arange(40) != 3))
+    s = ck.calibration_bins(p.to(DEVICE), t.to(DEVICE), from_logits=False, backend="triton")
+    assert s.hits.sum().item() == correct.sum().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -81,6 +81,18 @@ def test_calibration_of_every_capability(capability):
     torch.testing.assert_close(sweep["nll"][1], nll, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_confidence_is_never_correct_at_every_capability(capability, dtype):
+    # the AVX-512 row max may drop a NaN that the others keep: the rule must not see it
+    from calibkernels.calibration import per_sample
+    from test_calibration import poisoned_logits
+
+    for c in [2, 5, 17, 40, 100]:
+        x, t, expected = poisoned_logits(c, dtype)
+        assert torch.equal(per_sample(x, t)[1], expected), (capability, c)
+        assert ck.calibration_bins(x, t).hits.sum() == expected.sum(), (capability, c)
+
+
 def _global_symbols(library):
     """The library's global and weak (COMDAT) functions: the ones a linker may share between
     translation units. Local symbols (GCC's .isra / .constprop clones) stay in their own."""

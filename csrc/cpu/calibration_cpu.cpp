@@ -125,6 +125,9 @@ struct CalibrationCpu {
         if (probs_live) all_unit = all_unit && in_unit_interval(row, C);
         const int64_t y = target[i];
         if (logits_live) sl[j] = softmax_sample(row, m, y, e.data(), C);
+        // a NaN confidence (a NaN or +inf logit) is never correct: one rule at every width and on
+        // every backend, where the row max may drop a NaN or keep it
+        if (logits_live && !(sl[j].conf == sl[j].conf)) correct[i] = 0;
         if (probs_live) sp[j] = probability_sample(row, m, y, C);
       }
       if (!all_unit) unit.store(false, std::memory_order_relaxed);

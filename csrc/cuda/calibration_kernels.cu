@@ -70,7 +70,7 @@ __device__ __forceinline__ void write_sample(const CalibrationLaunch& p, int64_t
   o[kNllP] = poison_p ? A(NAN) : -ck_log(x_y);
   o[kRowMax] = m;
   o[kRowSum] = bad ? A(NAN) : s;
-  p.correct[r] = idx == y;
+  p.correct[r] = idx == y;  // a NaN confidence voids it where the reading is known
   p.inside[r] = !kept || !outside;
 }
 
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kTopThreads) calibration_top_kernel(const Cali
     const bool kept = p.target[i] != p.ignore_index;
     conf[j] = s[column];
     bins[j] = kept ? bin_index(s[column], p.boundaries, nb) : -1;
-    hit[j] = p.correct[i];
+    hit[j] = p.correct[i] && s[column] == s[column];  // a NaN confidence: never correct
     if (kept) {
       brier += static_cast<double>(s[column + 1]);
       nll += static_cast<double>(s[column + 2]);
