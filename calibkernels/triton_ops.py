@@ -61,7 +61,9 @@ def _check_focal_loss_args(input, target, weight, gamma, ignore_index, label_smo
 # The device copies of CPU gamma tables (schedule.gamma_table's are cached, long-lived tensors),
 # by table and device, with the table's version: a fixed gamma costs no host-to-device copy after
 # the first call, and a table changed in place (through torch: .data and NumPy writes are not
-# seen) is copied again. Copies a CUDA graph captured are never freed: replays read them.
+# seen) is copied again. A copy made on one CUDA stream and read on another is waited for and
+# marked as used there (the allocator frees it after both). Copies a CUDA graph captured are
+# never freed: replays read them.
 _DEVICE_TABLES = WeakIdKeyDictionary()
 _CAPTURED_TABLES = {}
 
@@ -93,11 +95,26 @@ def _table_on(gamma, device):
         # traced (a graph op, never a cached tensor), or a table without a version counter
         return gamma.to(device, non_blocking=True)
     copies = _DEVICE_TABLES.setdefault(gamma, {})
-    version, copy = copies.get(device, (None, None))
+    version, copy, made = copies.get(device, (None, None, None))
+    cuda = device.type == "cuda"
+    capturing = cuda and torch.cuda.is_current_stream_capturing()
+    stream = torch.cuda.current_stream(device) if cuda else None
     if version != gamma._version:
+        if capturing:
+            raise RuntimeError(
+                "calibkernels: the focal loss's gamma table is copied to the GPU on the first "
+                "call with it (and after it changes); make one call outside the CUDA graph "
+                "before capturing it, as torch.cuda.graphs' warm-up does")
         copy = gamma.to(device, non_blocking=True)
-        copies[device] = gamma._version, copy
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        made = (stream, torch.cuda.Event()) if cuda else None
+        if cuda:
+            made[1].record(stream)
+        copies[device] = gamma._version, copy, made
+    elif cuda and made[0] != stream:
+        if not capturing:  # (a capture begins after a device synchronisation)
+            stream.wait_event(made[1])
+            copy.record_stream(stream)
+    if capturing:
         _CAPTURED_TABLES[id(copy)] = copy
     return copy
 
@@ -396,7 +413,7 @@ def calibration_sweep_triton(logits: torch.Tensor, target: torch.Tensor,
     nb = triton.next_power_of_2(n_bins)
     acc = _acc_dtype(x.dtype)
     dev = x.device
-    temps = temperatures.to(device=dev, dtype=torch.float64, non_blocking=True)
+    temps = temperatures.to(device=dev, dtype=torch.float64, non_blocking=True).contiguous()
     conf = torch.empty(n, k, dtype=acc, device=dev)
     nll = torch.empty(n, k, dtype=acc, device=dev)
     correct = torch.empty(n, dtype=torch.bool, device=dev)

@@ -117,6 +117,19 @@ def test_triton_sweep_matches_cpp():
     torch.testing.assert_close(ours["ece"].cpu(), cpp["ece"], rtol=1e-4, atol=1e-5)
 
 
+def test_triton_sweep_op_reads_strided_temperatures():
+    # the op called directly with a float64 view on the device: read with its stride
+    x, t = _data(50, 13, dtype=torch.float32, seed=8)
+    temps = torch.tensor([0.3, 9.0, 1.0, 9.0, 2.5], dtype=torch.float64, device=DEVICE)
+    beta = ck.calibration.bin_boundaries(15, DEVICE)
+    ck.ops.load_triton()
+    op = ck.ops.calibration_sweep_triton
+    strided = op(x.to(DEVICE), t.to(DEVICE), temps[::2], beta, -100)
+    dense = op(x.to(DEVICE), t.to(DEVICE), temps[::2].contiguous(), beta, -100)
+    for a, b in zip(strided, dense):
+        assert torch.equal(a, b)
+
+
 def test_triton_sweep_poisons_an_out_of_range_target():
     # the C++ CPU kernel raises; the GPU kernels give NaN (never a number read from column 0)
     x, t = _data(40, 13, dtype=torch.float32, seed=7, ignore=True)
@@ -147,8 +160,12 @@ def test_triton_top_state_in_one_launch_matches_cpp(n_bins):
     # the last program sums every chunk's partials (300 bins: 16-row chunks, two a step of its
     # loop), keeps the reading of all chunks (a value outside [0, 1] in the last one only makes
     # them logits) and writes the errors of the state it kept; an empty batch gives NaN errors
-    x, t = _data(100, 10, dtype=torch.float32, seed=n_bins, ignore=True)
+    x, t = _data(100, 10, dtype=torch.float32, seed=n_bins + 8, ignore=True)
     p = x.softmax(1)
+    # exact counts from logits: no confidence within 1e-5 of an edge, where a GPU's approximate
+    # exp and division (a few ulp) could move it a bin over
+    edges = ck.calibration.bin_boundaries(n_bins).double()
+    assert (p.double().amax(1)[:, None] - edges).abs().min() > 1e-5
     for inp in [x, p]:
         ours = ck.calibration._fused(inp.to(DEVICE), t.to(DEVICE), n_bins, None, -100, False,
                                      False, "triton")

@@ -314,6 +314,67 @@ def test_gpu_gamma_as_a_device_tensor(backend):
     torch.testing.assert_close(ours[1], expected[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [3.0, "flsd-53"], ids=str)
+@pytest.mark.parametrize("c", [10, 1000, 40000])  # several rows a block, a row a block, a cluster
+def test_gpu_cuda_graph_replays_a_training_step(backend, gamma, c):
+    # A step captured once and replayed on new logits, targets and loss scales gives the eager
+    # step's bits: the tickets reset themselves, the gamma table outlives the capture, and
+    # grad_output is read on the device at each replay (1: the forward's gradient as it is).
+    n = 64
+    x = torch.zeros(n, c, device="cuda", requires_grad=True)
+    t = torch.zeros(n, dtype=torch.long, device="cuda")
+    scale = torch.ones((), device="cuda")
+
+    def step():
+        loss = ck.focal_loss(x, t, gamma=gamma, backend=backend)
+        (loss * scale).backward()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up: compilation, the table's copy to the device
+        for _ in range(3):
+            step()
+            x.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for seed, s in enumerate([1.0, 1024.0, 0.5, 1.0]):
+        logits, target = make_logits(n, c, torch.float32, seed=seed)
+        with torch.no_grad():
+            x.copy_(logits)
+        t.copy_(target)
+        scale.fill_(s)
+        graph.replay()
+        xe = logits.detach().cuda().requires_grad_()
+        loss = ck.focal_loss(xe, target.cuda(), gamma=gamma, backend=backend)
+        (loss * s).backward()
+        assert torch.equal(static_loss, loss.detach()), (seed, s)
+        assert torch.equal(x.grad, xe.grad), (seed, s)
+
+
+def test_gpu_triton_gamma_table_across_streams():
+    # a fresh schedule's table is copied to the device on a busy stream, then read from another:
+    # the second stream waits for the copy instead of reading it half-made
+    x, t = make_logits(256, 1000, torch.float32, seed=11)
+    x, t = x.detach().cuda(), t.cuda()
+    schedule = ck.GammaSchedule(thresholds=(0.2,), gammas=(5.0,), default=3.0)  # FLSD-53, anew
+    expected = loss_and_grad(reference.focal_loss, x.double(), t, "flsd-53", "mean")
+    fn = partial(ck.focal_loss, backend="triton")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the copy queues behind tens of milliseconds of work
+        first = loss_and_grad(fn, x, t, schedule, "mean")
+    again = loss_and_grad(fn, x, t, schedule, "mean")
+    torch.cuda.synchronize()
+    for ours in [first, again]:
+        torch.testing.assert_close(ours[0].double(), expected[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(ours[1].double(), expected[1], rtol=1e-4, atol=1e-8)
+
+
 def _cuda_kernels(prof):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 

@@ -92,7 +92,18 @@ def compile_all():
             kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                     target=GPUTarget("cuda", arch, 32))
             assert len(kernel.asm["cubin"]) > 0
-    print(f"compiled {len(cases)} kernels for sm_80 and sm_90")
+    # The runtime passes an integer below 2**31 as i32 and one equal to 1 as the constant 1 (N = 1,
+    # one temperature, grad_output's stride 1, ...): each kernel both ways too, for sm_90.
+    for fn, signature, constexprs in cases:
+        narrow = {k: "i32" if v == "i64" else v for k, v in signature.items()}
+        ones = {k: 1 for k, v in signature.items() if v in ("i32", "i64")}
+        for extra in ({}, ones):
+            values = {**constexprs, **extra}
+            kernel = triton.compile(
+                ASTSource(fn=fn, signature={**narrow, **{k: "constexpr" for k in values}},
+                          constexprs=values), target=GPUTarget("cuda", 90, 32))
+            assert len(kernel.asm["cubin"]) > 0, (fn.__name__, extra)
+    print(f"compiled {len(cases)} kernels for sm_80 and sm_90 (and their i32 and 1 variants)")
 
 
 def _ptxas_report(ptx, arch):

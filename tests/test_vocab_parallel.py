@@ -117,6 +117,11 @@ def test_gpu_phases_equal_the_cpus(dtype):
         g_grad = ck.ops.focal_loss_window_grad(go.cuda(), x[:, 11:40].cuda(), t.cuda(),
                                                g_stats, 11, V, -100, 0.1, reduction)
         torch.testing.assert_close(g_grad.cpu(), grad, rtol=1e-5, atol=1e-7)
+    # a CPU tensor beside CUDA ones would be a host pointer in the kernel: an error instead
+    with pytest.raises(ValueError, match="must be on row_stats' device"):
+        ck.ops.focal_loss_finish(row.cuda(), sums.cuda(), t, table, V, -100, 0.1, "mean")
+    with pytest.raises(ValueError, match="must be on the input's device"):
+        ck.ops.focal_loss_partial_sums(x.cuda(), t.cuda(), table, row, 0, V, -100, 0.1)
 
 
 @pytest.mark.cuda

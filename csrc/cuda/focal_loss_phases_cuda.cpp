@@ -70,6 +70,9 @@ at::Tensor partial_sums_cuda(const at::Tensor& input, const at::Tensor& target,
   TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == p.n_rows &&
                         row_stats.size(1) == 4 && row_stats.scalar_type() == acc,
                     "focal_loss_partial_sums: row_stats must be the combined (N, 4) statistics");
+  TORCH_CHECK_VALUE(row_stats.device() == input.device(),
+                    "focal_loss_partial_sums: row_stats must be on the input's device (",
+                    input.device(), "), got ", row_stats.device());
   const at::Tensor g = row_stats.contiguous();
   p.schedule = cpu_gamma_schedule(gamma);
   p.smoothing = label_smoothing;
@@ -87,6 +90,11 @@ std::tuple<at::Tensor, at::Tensor> finish_cuda(const at::Tensor& row_stats, cons
                                                double label_smoothing,
                                                c10::string_view reduction) {
   c10::cuda::CUDAGuard guard(row_stats.device());
+  // a tensor elsewhere would be a host or another GPU's pointer in the kernel
+  TORCH_CHECK_VALUE(target.device() == row_stats.device() &&
+                        (sums.numel() == 0 || sums.device() == row_stats.device()),
+                    "focal_loss_finish: target and sums must be on row_stats' device (",
+                    row_stats.device(), "), got ", target.device(), " and ", sums.device());
   const Reduction red = parse_reduction(reduction);
   const at::Tensor g = row_stats.contiguous(), t = target.to(at::kLong).contiguous();
   const int64_t N = g.size(0);

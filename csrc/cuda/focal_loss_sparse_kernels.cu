@@ -329,10 +329,11 @@ bool cluster_ready() {
   constexpr int kDevices = 64;
   static std::atomic<signed char> known[kDevices];  // 0: not asked yet, 1: yes, -1: no
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
+  if (cudaGetDevice(&dev) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
+  if (dev < 0 || dev >= kDevices) return false;
   signed char state = known[dev].load(std::memory_order_relaxed);
   if (state == 0) {
     auto kernel =
@@ -344,13 +345,18 @@ bool cluster_ready() {
     const cudaLaunchConfig_t cfg = cluster_config(CLUSTER, CLUSTER, 0, &attr);
     // ptxVersion: the architecture the kernel's body was compiled for (__CUDA_ARCH__); an
     // sm_80 build JIT-compiled on an H100 has binaryVersion 90 but the body without clusters.
-    const bool ok = cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, dev) ==
-                        cudaSuccess &&
-                    supported && cudaFuncGetAttributes(&attrs, kernel) == cudaSuccess &&
-                    attrs.ptxVersion >= 90 && attrs.binaryVersion >= 90 &&
-                    cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess &&
-                    clusters > 0;
-    cudaGetLastError();  // a refused query leaves no error behind
+    cudaError_t err = cudaDeviceGetAttribute(&supported, cudaDevAttrClusterLaunch, dev);
+    bool ok = err == cudaSuccess && supported;
+    if (ok) {
+      err = cudaFuncGetAttributes(&attrs, kernel);
+      ok = err == cudaSuccess && attrs.ptxVersion >= 90 && attrs.binaryVersion >= 90;
+    }
+    if (ok) {
+      err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+      ok = err == cudaSuccess && clusters > 0;
+    }
+    // a refused query leaves no error behind; an error pending from earlier work stays pending
+    if (err != cudaSuccess) cudaGetLastError();
     // The first answer stays: the partials' size and the launch must see the same layout.
     signed char unknown = 0;
     known[dev].compare_exchange_strong(unknown, ok ? 1 : -1);
