@@ -183,6 +183,21 @@ def test_a_nan_confidence_is_never_correct():
         assert reference.calibration_error(x, t).isnan()
 
 
+def assert_inf_target_logit_poisons_every_metric(device="cpu", backend="auto"):
+    # +inf at the target alone: softmax is inf / inf, so NLL is NaN too (not log1p(0) = 0)
+    x, t = _data(50, 7, dtype=torch.float32, seed=4)
+    x[5, t[5]] = float("inf")
+    x, t = x.to(device), t.to(device)
+    report = ck.calibration_report(x, t, backend=backend)
+    assert all(v.isnan() for k, v in report.items() if k != "n"), report
+    sweep = ck.calibration_sweep(x, t, [0.5, 1.0, 2.0], backend=backend)
+    assert sweep["nll"].isnan().all() and sweep["ece"].isnan().all(), sweep
+
+
+def test_an_inf_target_logit_poisons_every_metric():
+    assert_inf_target_logit_poisons_every_metric()
+
+
 def test_meter_streams_and_round_trips():
     x, t = _data(3000, 10, dtype=torch.float32, seed=7, ignore=True)
     meter = ck.CalibrationMeter(classwise=True, adaptive=True)

@@ -6,7 +6,7 @@ import torch
 import calibkernels as ck
 from calibkernels import reference
 from calibkernels.calibration import per_sample
-from test_calibration import _data, poisoned_logits
+from test_calibration import _data, assert_inf_target_logit_poisons_every_metric, poisoned_logits
 
 pytestmark = pytest.mark.cuda
 
@@ -114,6 +114,11 @@ def test_gpu_never_counts_a_nan_confidence_correct(backend, dtype):
         assert torch.equal(correct.cpu(), expected), mode
         s = ck.calibration_bins(p.cuda(), t.cuda(), from_logits=mode, backend=backend)
         assert s.hits.sum().item() == expected.sum().item(), mode
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_inf_target_logit_poisons_every_metric(backend):
+    assert_inf_target_logit_poisons_every_metric("cuda", backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,7 @@ import torch
 import calibkernels as ck
 from calibkernels import reference
 from calibkernels.calibration import binned_error, classwise_ece_from_state, per_sample
-from test_calibration import _data, poisoned_logits
+from test_calibration import _data, assert_inf_target_logit_poisons_every_metric, poisoned_logits
 
 pytestmark = pytest.mark.skipif(
     not ck.ops.triton_available()
@@ -115,6 +115,10 @@ def test_triton_sweep_matches_cpp():
     cpp = ck.calibration_sweep(x, t, temps)
     torch.testing.assert_close(ours["nll"].cpu(), cpp["nll"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours["ece"].cpu(), cpp["ece"], rtol=1e-4, atol=1e-5)
+
+
+def test_triton_inf_target_logit_poisons_every_metric():
+    assert_inf_target_logit_poisons_every_metric(DEVICE, "triton")
 
 
 def test_triton_sweep_op_reads_strided_temperatures():

@@ -61,8 +61,10 @@ Sample<acc_t> softmax_sample(const acc_t* x, acc_t m, int64_t y, acc_t* e, int64
   Sample<acc_t> out;
   out.conf = acc_t(1) / s;
   out.brier = (other2 + other * other) / (s * s);
-  // log s - (x_y - m): log1p(other) when y holds the max, where s = 1 + other
-  out.nll = x[y] == m ? std::log1p(other) : std::log(s) - (x[y] - m);
+  // log s - (x_y - m): log1p(other) when y holds the max, where s = 1 + other (z_y, not x_y == m:
+  // a +inf target logit gives inf - inf = NaN, as on the GPU, not an NLL of 0)
+  const acc_t z_y = x[y] - m;
+  out.nll = z_y == acc_t(0) ? std::log1p(other) : std::log(s) - z_y;
   return out;
 }
 

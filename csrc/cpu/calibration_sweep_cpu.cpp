@@ -49,7 +49,7 @@ void sweep_cpu(const scalar_t* x, const int64_t* target, const double* temps, in
           const acc_t z_y = (row[y] - m) * inv_t;
           const acc_t s = other + std::exp(z_y);
           conf[j * K + k] = acc_t(1) / s;
-          loss[j * K + k] = row[y] == m ? std::log1p(other) : std::log(s) - z_y;
+          loss[j * K + k] = z_y == acc_t(0) ? std::log1p(other) : std::log(s) - z_y;  // inf: NaN
         }
       }
     });
