@@ -295,9 +295,10 @@ def table_from_state(s: CalibrationState):
     empty = s.counts == 0
     safe = s.counts.clamp_min(1).double()
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=s.counts.device)
+    # a bin holding a NaN confidence has no accuracy either (its samples' hits are void)
     return {"lower": beta[:-1], "upper": beta[1:], "count": s.counts,
             "confidence": torch.where(empty, nan, s.conf_sums / safe),
-            "accuracy": torch.where(empty, nan, s.hits.double() / safe)}
+            "accuracy": torch.where(empty | s.conf_sums.isnan(), nan, s.hits.double() / safe)}
 
 
 def report_from_state(s: CalibrationState, samples=None):

@@ -26,8 +26,10 @@ def reliability_diagram(logits_or_probs=None, target=None, n_bins=15, from_logit
         table = reliability_table(logits_or_probs, target, n_bins, from_logits, ignore_index)
     t = {k: v.detach().cpu().double() for k, v in table.items()}
     counts = t["count"]
-    hits = torch.nan_to_num(t["accuracy"]) * counts
-    conf_sums = torch.nan_to_num(t["confidence"]) * counts
+    # empty bins hold NaN and weigh nothing; a NaN in a filled bin makes the ECE NaN, as ck.ece
+    filled_bins = counts > 0
+    hits = torch.where(filled_bins, t["accuracy"] * counts, 0.0)
+    conf_sums = torch.where(filled_bins, t["confidence"] * counts, 0.0)
     ece_value = float(binned_error(counts.long(), conf_sums, hits, "l1"))
     lower, upper = t["lower"].numpy(), t["upper"].numpy()
     width, centers = upper - lower, (lower + upper) / 2

@@ -717,6 +717,7 @@ def calibration_sweep_partials_kernel(CONF, NLL, CORRECT, TARGET, BETA, PART_COU
     tl.store(PART_COUNTS + out, tl.sum(onehot.to(tl.int64), 0), mask=bins < N_BINS)
     tl.store(PART_SUMS + out, tl.sum(tl.where(onehot, c.to(tl.float64)[:, None], 0.0), 0),
              mask=bins < N_BINS)
-    tl.store(PART_HITS + out, tl.sum(tl.where(onehot, hit[:, None], 0), 0), mask=bins < N_BINS)
+    hits = onehot & ((hit != 0) & (c == c))[:, None]  # a NaN confidence is never correct
+    tl.store(PART_HITS + out, tl.sum(hits.to(tl.int64), 0), mask=bins < N_BINS)
     nll = tl.load(NLL + rows * n_temps + k, mask=keep, other=0.0).to(tl.float64)
     tl.store(PART_NLL + chunk * n_temps + k, tl.sum(tl.where(keep, nll, 0.0), 0))

@@ -102,16 +102,17 @@ def _table_on(gamma, device):
     if version != gamma._version:
         if capturing:
             raise RuntimeError(
-                "calibkernels: the focal loss's gamma table is copied to the GPU on the first "
-                "call with it (and after it changes); make one call outside the CUDA graph "
-                "before capturing it, as torch.cuda.graphs' warm-up does")
+                "calibkernels: under CUDA-graph capture the focal loss's gamma must already be "
+                "on the GPU (a host-to-device copy cannot be captured): make one call with the "
+                "same gamma (a float, a schedule name or a GammaSchedule) before capturing, as "
+                "torch.cuda.graphs' warm-up does, or pass gamma as a CUDA tensor")
         copy = gamma.to(device, non_blocking=True)
         made = (stream, torch.cuda.Event()) if cuda else None
         if cuda:
             made[1].record(stream)
         copies[device] = gamma._version, copy, made
     elif cuda and made[0] != stream:
-        if not capturing:  # (a capture begins after a device synchronisation)
+        if not capturing:  # (torch.cuda.graph synchronises the device before it captures)
             stream.wait_event(made[1])
             copy.record_stream(stream)
     if capturing:

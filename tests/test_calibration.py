@@ -169,6 +169,18 @@ def poisoned_logits(c, dtype=torch.float32, seed=0):
     return x, t, (pred == t) & ~conf.isnan()
 
 
+def sweep_hits(x, t, backend="cpu"):
+    """The temperature sweep op's hits at T = 0.5, 1, 2, summed over the bins."""
+    temps = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    beta = ck.calibration.bin_boundaries(15, x.device)
+    if backend == "triton":
+        ck.ops.load_triton()
+        out = ck.ops.calibration_sweep_triton(x, t, temps.to(x.device), beta, -100)
+    else:
+        out = ck.ops.calibration_sweep(x, t, temps, beta, -100)
+    return out[2].sum(1).cpu()
+
+
 def test_a_nan_confidence_is_never_correct():
     # torch.argmax names the first NaN; a row max may drop it: our rule is one for every backend
     for c in [2, 5, 40, 100]:
@@ -178,6 +190,7 @@ def test_a_nan_confidence_is_never_correct():
         assert torch.equal(correct, expected), c
         s = ck.calibration_bins(x, t)
         assert s.hits.sum() == expected.sum()
+        assert torch.equal(sweep_hits(x, t), expected.sum().repeat(3))  # at every temperature
         report = ck.calibration_report(x, t)
         assert all(v.isnan() for k, v in report.items() if k != "n"), report
         assert reference.calibration_error(x, t).isnan()
@@ -229,6 +242,12 @@ def test_reliability_diagram_draws_and_saves(tmp_path):
     assert f"{100 * ck.ece(x, t).item():.2f}%" in fig.axes[0].get_title()
     assert path.stat().st_size > 10_000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a NaN confidence: the poisoned bin has no confidence or accuracy, and the ECE is NaN
+    x[3, 2] = float("nan")
+    table = ck.reliability_table(x, t)
+    assert table["confidence"][0].isnan() and table["accuracy"][0].isnan()
+    assert not table["accuracy"][1:][table["count"][1:] > 0].isnan().any()
+    assert "ECE = nan%" in ck.reliability_diagram(table=table).axes[0].get_title()
 
 
 def test_opcheck_calibration_bins():

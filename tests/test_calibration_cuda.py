@@ -6,7 +6,8 @@ import torch
 import calibkernels as ck
 from calibkernels import reference
 from calibkernels.calibration import per_sample
-from test_calibration import _data, assert_inf_target_logit_poisons_every_metric, poisoned_logits
+from test_calibration import (_data, assert_inf_target_logit_poisons_every_metric,
+                              poisoned_logits, sweep_hits)
 
 pytestmark = pytest.mark.cuda
 
@@ -100,10 +101,13 @@ def test_gpu_never_counts_a_nan_confidence_correct(backend, dtype):
         assert torch.equal(conf.isnan().cpu(), per_sample(x, t)[0].isnan()), c
         s = ck.calibration_bins(x.cuda(), t.cuda(), backend=backend)
         assert s.hits.sum().item() == expected.sum().item(), c
+        hits = sweep_hits(x.cuda(), t.cuda(), "triton" if backend == "triton" else "cuda")
+        assert torch.equal(hits, expected.sum().repeat(3)), c
         report = ck.calibration_report(x.cuda(), t.cuda(), backend=backend)
         assert all(v.isnan() for k, v in report.items() if k != "n"), (c, report)
-    # a value outside [0, 1] poisons the probability reading (the CPU raises): never correct
-    for mode in [False, None]:  # forced, and decided on the device
+    # a value outside [0, 1] poisons a forced probability reading (the CPU raises): never correct;
+    # decided on the device (None) it makes the batch logits, and the sample counts as usual
+    for mode in [False, None]:
         x, t = _data(40, 7, dtype=torch.float32, seed=9)
         p = x.softmax(1).to(dtype)
         p[3, t[3]] = 1.5  # the argmax, at the target

@@ -10,7 +10,8 @@ import torch
 import calibkernels as ck
 from calibkernels import reference
 from calibkernels.calibration import binned_error, classwise_ece_from_state, per_sample
-from test_calibration import _data, assert_inf_target_logit_poisons_every_metric, poisoned_logits
+from test_calibration import (_data, assert_inf_target_logit_poisons_every_metric,
+                              poisoned_logits, sweep_hits)
 
 pytestmark = pytest.mark.skipif(
     not ck.ops.triton_available()
@@ -84,6 +85,8 @@ def test_triton_never_counts_a_nan_confidence_correct():
         assert torch.equal(conf.isnan().cpu(), per_sample(x, t)[0].isnan()), c
         s = ck.calibration_bins(x.to(DEVICE), t.to(DEVICE), backend="triton")
         assert s.hits.sum().item() == expected.sum().item()
+        assert torch.equal(sweep_hits(x.to(DEVICE), t.to(DEVICE), "triton"),
+                           expected.sum().repeat(3))
         report = ck.calibration_report(x.to(DEVICE), t.to(DEVICE), backend="triton")
         assert all(v.isnan() for k, v in report.items() if k != "n"), report
     # a value outside [0, 1] poisons the probability reading (the CPU raises): never correct

@@ -357,18 +357,21 @@ def test_gpu_cuda_graph_replays_a_training_step(backend, gamma, c):
 
 def test_gpu_triton_gamma_table_across_streams():
     # a fresh schedule's table is copied to the device on a busy stream, then read from another:
-    # the second stream waits for the copy instead of reading it half-made
+    # the second stream waits for the copy instead of reading memory the copy has not reached
     x, t = make_logits(256, 1000, torch.float32, seed=11)
     x, t = x.detach().cuda(), t.cuda()
-    schedule = ck.GammaSchedule(thresholds=(0.2,), gammas=(5.0,), default=3.0)  # FLSD-53, anew
     expected = loss_and_grad(reference.focal_loss, x.double(), t, "flsd-53", "mean")
     fn = partial(ck.focal_loss, backend="triton")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the kernels compiled first, with another table of one piece
+        loss_and_grad(fn, x, t, ck.GammaSchedule((0.3,), (4.0,), 1.0), "mean")
+    torch.cuda.synchronize()
+    schedule = ck.GammaSchedule(thresholds=(0.2,), gammas=(5.0,), default=3.0)  # FLSD-53, anew
     with torch.cuda.stream(side):
-        torch.cuda._sleep(50_000_000)  # the copy queues behind tens of milliseconds of work
+        torch.cuda._sleep(500_000_000)  # a few hundred ms: the copy queues behind it
         first = loss_and_grad(fn, x, t, schedule, "mean")
-    again = loss_and_grad(fn, x, t, schedule, "mean")
+    again = loss_and_grad(fn, x, t, schedule, "mean")  # at once, from the default stream
     torch.cuda.synchronize()
     for ours in [first, again]:
         torch.testing.assert_close(ours[0].double(), expected[0], rtol=1e-5, atol=0)

@@ -122,6 +122,9 @@ def test_gpu_phases_equal_the_cpus(dtype):
         ck.ops.focal_loss_finish(row.cuda(), sums.cuda(), t, table, V, -100, 0.1, "mean")
     with pytest.raises(ValueError, match="must be on the input's device"):
         ck.ops.focal_loss_partial_sums(x.cuda(), t.cuda(), table, row, 0, V, -100, 0.1)
+    with pytest.raises(ValueError, match="must be on the input's device"):
+        ck.ops.focal_loss_window_grad(go.cuda(), x[:, 11:40].cuda(), t.cuda(), stats, 11, V,
+                                      -100, 0.1, "mean")
 
 
 @pytest.mark.cuda

@@ -61,7 +61,7 @@ void sweep_cpu(const scalar_t* x, const int64_t* target, const double* temps, in
         const int64_t slot = k * n_bins + bin_index(c, beta, n_bins);
         counts[slot] += 1;
         conf_sums[slot] += static_cast<double>(c);
-        hits[slot] += hit[j];
+        hits[slot] += hit[j] && c == c;  // a NaN confidence is never correct
         nll[k] += static_cast<double>(loss[j * K + k]);
       }
     }

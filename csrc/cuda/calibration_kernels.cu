@@ -560,7 +560,7 @@ __global__ void calibration_sweep_partials_kernel(SweepLaunch p) {
       if (bin_index(c, p.boundaries, p.n_bins) != b) continue;
       count += 1;
       sum += static_cast<double>(c);
-      hit += p.correct[i] ? 1 : 0;
+      hit += p.correct[i] && c == c ? 1 : 0;  // a NaN confidence is never correct
     }
     p.part_counts[slot0 + b] = count;
     p.part_sums[slot0 + b] = sum;

@@ -142,6 +142,9 @@ at::Tensor window_grad_cuda(const at::Tensor& grad_output, const at::Tensor& inp
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == p.n_rows && stats.size(1) == kRowStats &&
                         stats.scalar_type() == acc,
                     "focal_loss_window_grad: stats must be focal_loss_finish's statistics");
+  TORCH_CHECK_VALUE(stats.device() == input.device(),
+                    "focal_loss_window_grad: stats must be on the input's device (",
+                    input.device(), "), got ", stats.device());
   p.per_row = parse_reduction(reduction) == Reduction::None;
   TORCH_CHECK_VALUE(p.per_row ? grad_output.numel() == p.n_rows : grad_output.numel() == 1,
                     "focal_loss_window_grad: grad_output must have ", p.per_row ? p.n_rows : 1,

@@ -355,7 +355,8 @@ bool cluster_ready() {
       err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
       ok = err == cudaSuccess && clusters > 0;
     }
-    // a refused query leaves no error behind; an error pending from earlier work stays pending
+    // a refused query leaves no error behind; when every query succeeds, an error pending from
+    // earlier work stays pending for its owner's check
     if (err != cudaSuccess) cudaGetLastError();
     // The first answer stays: the partials' size and the launch must see the same layout.
     signed char unknown = 0;
