@@ -93,7 +93,7 @@ def graph_ms(step, copies):
         return do_bench(graph.replay, warmup=5, rep=100, return_mode="median") / copies
     except Exception as e:  # e.g. a host synchronisation inside the implementation
         torch.cuda.synchronize()
-        print(f"  (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:100]})")
+        print(f"  (no CUDA graph: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]})")
         return None
 
 
@@ -225,6 +225,11 @@ def bench_focal(out, copy_gbps, shapes, impl_names=None, graph=True):
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f"{n}x{c} {dname} gamma={gamma} {name}: out of memory")
+                continue
+            except Exception as e:  # e.g. a compile path failing on this torch: the rest still run
+                torch.cuda.synchronize()
+                print(f"{n}x{c} {dname} gamma={gamma} {name}: FAILED {type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0][:200]}", flush=True)
                 continue
             results[name] = ms
             gbps = minimal / ms / 1e6

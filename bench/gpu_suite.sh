@@ -12,6 +12,12 @@
 # Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, LINEAR_S, PROFILE_S),
 # cut to what is left of TOTAL_S (default 560) for the whole call, so that one call ends inside the
 # device tool's 10 minutes with its results written; a stage with under 30 s left is skipped.
+# The whole test suite no longer fits one call beside the build: TEST_ARGS picks what the tests
+# stage runs (pytest arguments, default "tests"), e.g. the GPU files in one call and the rest in
+# another; BENCH_ARGS (bench/gpu_bench.py --help) and PROFILE_ARGS (bf16, fp32, 65536x100, ...)
+# split the benchmark and the profile the same way. A call on a machine without the extension
+# built (a fresh one: the build is git-ignored and does not travel) builds it first.
+# CALIBKERNELS_CUDA_ARCHS defaults to this GPU's own architecture (one target: a faster build).
 # Logs go to OUT_DIR/logs.tar.gz (the device tool returns at most 8 files); summary.txt and the
 # benchmark tables stay beside it.
 # Copy OUT_DIR to bench/results/<date>-<gpu>/ and commit it.
@@ -23,6 +29,15 @@ mkdir -p "$out/logs"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONUNBUFFERED=1
+if [[ -z "${CALIBKERNELS_CUDA_ARCHS:-}" ]]; then
+  CALIBKERNELS_CUDA_ARCHS=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" \
+    2>/dev/null || echo 90)
+  export CALIBKERNELS_CUDA_ARCHS
+fi
+# the extension is git-ignored: a fresh machine has none, so any stage but build needs one first
+if [[ " $stages " != *" build "* ]] && ! compgen -G "calibkernels/_C*.so" >/dev/null; then
+  stages="build $stages"
+fi
 status=0
 deadline=$(( $(date +%s) + ${TOTAL_S:-560} - 15 ))  # 15 s kept for the tar at the end
 has() { [[ " $stages " == *" $1 "* ]]; }
@@ -45,7 +60,7 @@ fi
 if has build && room build; then
   stage build
   nvidia-smi >"$out/logs/nvidia-smi.txt" 2>&1
-  if ! timeout "$(limit "${BUILD_S:-300}")" $PY -m pip install --no-build-isolation --no-deps -e . \
+  if ! timeout -k 15 "$(limit "${BUILD_S:-300}")" $PY -m pip install --no-build-isolation --no-deps -e . \
       >"$out/logs/build.log" 2>&1; then
     tail -40 "$out/logs/build.log"; echo "build failed" | tee -a "$out/summary.txt"; status=1
     stages=""
@@ -55,8 +70,10 @@ fi
 if has tests && room tests; then
   stage tests
   # -v: each result is logged as it comes, so a stage cut short still names its failures
-  timeout "$(limit "${TESTS_S:-300}")" $PY -m pytest tests -v -p no:cacheprovider -rfEs \
-    -n "${TEST_WORKERS:-8}" --durations=10 --junitxml="$out/logs/tests.xml" \
+  # ${TEST_ARGS} unquoted: pytest arguments, word by word; 2 threads a worker (16 cores shared)
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout -k 15 "$(limit "${TESTS_S:-420}")" \
+    $PY -m pytest ${TEST_ARGS:-tests} -v -p no:cacheprovider -rfEs \
+    -n "${TEST_WORKERS:-14}" --durations=10 --junitxml="$out/logs/tests.xml" \
     >"$out/logs/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR) |\] (FAILED|ERROR) " "$out/logs/tests.log" | sort -u | head -40 \
     | tee -a "$out/summary.txt"
@@ -66,13 +83,13 @@ fi
 if has memcheck && room memcheck; then
   stage memcheck
   # no caching allocator: every tensor its own cudaMalloc, so a read past its end is reported
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit "${MEMCHECK_S:-180}")" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 15 "$(limit "${MEMCHECK_S:-180}")" \
     compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY bench/memcheck_case.py >"$out/logs/memcheck.log" 2>&1 || status=1
   tail -3 "$out/logs/memcheck.log" | tee -a "$out/summary.txt"
   for tool in racecheck synccheck; do  # the fast path's cluster reductions, the tickets
     room $tool || break
-    timeout "$(limit "${MEMCHECK_S:-180}")" compute-sanitizer --tool $tool --error-exitcode 3 \
+    timeout -k 15 "$(limit "${MEMCHECK_S:-180}")" compute-sanitizer --tool $tool --error-exitcode 3 \
       $PY bench/memcheck_case.py sparse >"$out/logs/$tool.log" 2>&1 || status=1
     echo "$tool: $(tail -1 "$out/logs/$tool.log")" | tee -a "$out/summary.txt"
   done
@@ -80,14 +97,14 @@ fi
 
 if has bench && room bench; then
   stage bench
-  timeout "$(limit "${BENCH_S:-420}")" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
+  timeout -k 15 "$(limit "${BENCH_S:-420}")" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
     >"$out/logs/bench.log" 2>&1 || status=1
   tail -5 "$out/logs/bench.log" | tee -a "$out/summary.txt"
 fi
 
 if has linear && room linear; then
   stage linear
-  timeout "$(limit "${LINEAR_S:-300}")" $PY bench/linear_focal_loss.py --device cuda --dtype bfloat16 \
+  timeout -k 15 "$(limit "${LINEAR_S:-300}")" $PY bench/linear_focal_loss.py --device cuda --dtype bfloat16 \
     --gamma 0 --n 8192 --h 4096 --v 128256 --rounds 10 \
     --paths eager,compile,linear_focal_loss,liger >"$out/linear_focal_loss.txt" 2>&1 || status=1
   tee -a "$out/summary.txt" <"$out/linear_focal_loss.txt"
@@ -97,10 +114,10 @@ if has profile && room profile; then
   stage profile
   # --clock-control none: measure the card as found (never change its clocks).
   # The warm-up launches at N = 64 are profiled too (cheap); the digest lists every launch.
-  timeout "$(limit "${PROFILE_S:-400}")" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+  timeout -k 15 "$(limit "${PROFILE_S:-400}")" ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section InstructionStats --kernel-name regex:'focal_loss|calibration' --launch-count 400 \
-    $PY bench/profile_case.py >"$out/logs/ncu.txt" 2>&1 || status=1
+    $PY bench/profile_case.py ${PROFILE_ARGS:-} >"$out/logs/ncu.txt" 2>&1 || status=1
   grep -E "^profile |^  [A-Za-z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread|Executed Instructions  |Warp Cycles Per Issued" \
     "$out/logs/ncu.txt" | cut -c1-140 >>"$out/summary.txt"
 fi

@@ -2,7 +2,10 @@
 loss forward (with its gradient) and backward (which exits at once for grad_output = 1) on both GPU
 backends, and ECE, at one shape per class of row length — rows a warp, rows a block, a row a
 block, a row a cluster — in bf16 and fp32, gamma = 3. Triton compiles on a small warm-up first, so
-the profiled launches are the cases'."""
+the profiled launches are the cases'. Arguments pick a part, so that a long profile can be split
+over calls: dtypes (bf16, fp32) and shapes (65536x100, ...); none: every case."""
+
+import sys
 
 import torch
 
@@ -19,8 +22,16 @@ def case(n, c, dtype, backend, seed=0):
     ck.ece(x.detach(), t, backend=backend)
 
 
-for dtype in (torch.bfloat16, torch.float32):
-    for n, c in SHAPES:
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+picked = set(sys.argv[1:])
+unknown = picked - set(DTYPES) - {f"{n}x{c}" for n, c in SHAPES}
+if unknown:
+    sys.exit(f"profile_case.py: unknown {sorted(unknown)}; dtypes {list(DTYPES)}, shapes "
+             f"{[f'{n}x{c}' for n, c in SHAPES]}")
+dtypes = [d for k, d in DTYPES.items() if k in picked] or list(DTYPES.values())
+shapes = [s for s in SHAPES if f"{s[0]}x{s[1]}" in picked] or SHAPES
+for dtype in dtypes:
+    for n, c in shapes:
         for backend in ("cuda", "triton"):
             case(64, c, dtype, backend)  # compile and warm up
             torch.cuda.synchronize()
