@@ -2,7 +2,7 @@
 read of the logits) against the paper's procedure: its ECELoss evaluated at each of the 100
 temperatures T in {0.1, ..., 10.0}, one pass over the logits each.
 
-    .venv/bin/python bench/calibration_sweep.py [--device cpu] [--rounds 5]
+    .venv/bin/python bench/calibration_sweep.py [--device cpu] [--rounds 5] [--backend auto]
 
 The paper's ECELoss is written here from its semantics (softmax of logits / T, confidence and
 prediction, then one mask per bin with .item() bounds, as in torrvision/focal_calibration's
@@ -58,15 +58,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda", "triton"],
+                    help="calibration_sweep's backend")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"{device}, float32, {len(GRID)} temperatures, {args.rounds} alternating rounds, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, backend {args.backend}")
     for n, c in SHAPES:
         g = torch.Generator().manual_seed(0)
         x = (torch.randn(n, c, generator=g) * 3).to(device)
         t = torch.randint(0, c, (n,), generator=g).to(device)
-        impls = {"calibration_sweep": lambda: ck.calibration_sweep(x, t, GRID)["ece"].tolist(),
+        impls = {"calibration_sweep": lambda: ck.calibration_sweep(x, t, GRID, backend=args.backend)["ece"].tolist(),
                  "paper's ECELoss x 100": lambda: paper_procedure(x, t)}
         results = {name: fn() for name, fn in impls.items()}  # warm-up, and the values
         worst = max(abs(a - b) for a, b in zip(*results.values()))

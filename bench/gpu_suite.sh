@@ -3,15 +3,17 @@
 # included), compute-sanitizer memcheck on small cases (racecheck and synccheck on the CUDA fast
 # path and the calibration kernels), then the benchmarks.
 #   bash bench/gpu_suite.sh OUT_DIR [STAGE ...]
-# STAGE: build tests memcheck bench (the default: all four), linear (bench/linear_focal_loss.py at
+# STAGE: build tests memcheck bench (the default: all four), sweep (bench/calibration_sweep.py on
+# both backends, to calibration_sweep.txt), linear (bench/linear_focal_loss.py at
 # 8192 tokens, H = 4096, V = 128256, bf16, gamma = 0 against eager, torch.compile and Liger's fused
 # linear cross entropy, to linear_focal_loss.txt) and profile (Nsight Compute sections of the
 # kernels in bench/profile_case.py, one shape per class of row length, to logs/ncu.txt and a
 # digest in summary.txt). The bench stage times every step as called and replayed from a CUDA
 # graph (BENCH_ARGS=--no-graph halves it).
-# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, LINEAR_S, PROFILE_S),
-# cut to what is left of TOTAL_S (default 560) for the whole call, so that one call ends inside the
-# device tool's 10 minutes with its results written; a stage with under 30 s left is skipped.
+# Each stage has a time limit (seconds: BUILD_S, TESTS_S, MEMCHECK_S, BENCH_S, SWEEP_S, LINEAR_S,
+# PROFILE_S), cut to what is left of TOTAL_S (default 560) for the whole call, so that one call
+# ends inside the device tool's 10 minutes with its results written; a stage with under 30 s left
+# is skipped.
 # The whole test suite no longer fits one call beside the build: TEST_ARGS picks what the tests
 # stage runs (pytest arguments, default "tests"), e.g. the GPU files in one call and the rest in
 # another; BENCH_ARGS (bench/gpu_bench.py --help) and PROFILE_ARGS (bf16, fp32, 65536x100, ...)
@@ -100,6 +102,15 @@ if has bench && room bench; then
   timeout -k 15 "$(limit "${BENCH_S:-420}")" $PY bench/gpu_bench.py --out "$out" ${BENCH_ARGS:-} \
     >"$out/logs/bench.log" 2>&1 || status=1
   tail -5 "$out/logs/bench.log" | tee -a "$out/summary.txt"
+fi
+
+if has sweep && room sweep; then
+  stage sweep
+  for backend in cuda triton; do  # 100 temperatures from one read against the paper's 100 passes
+    timeout -k 15 "$(limit "${SWEEP_S:-120}")" $PY bench/calibration_sweep.py --device cuda --rounds 5 \
+      --backend $backend >>"$out/calibration_sweep.txt" 2>&1 || status=1
+  done
+  tee -a "$out/summary.txt" <"$out/calibration_sweep.txt"
 fi
 
 if has linear && room linear; then

@@ -16,8 +16,8 @@ def sparse_cases():
     """The CUDA class-index fast path at each of its layouts (rows a warp, rows a block, a row a
     block, a row a cluster of 2, 4, 8 CTAs), rows that start 16-byte aligned and rows that share
     their first and last chunks with their neighbours (an odd C, an odd N: the tensor's last chunk
-    ends past it); then the calibration rows and top kernels (the last block's ticket) and the
-    classwise kernel with its bins in shared memory and in the partials. Also run
+    ends past it); then the calibration rows and top kernels (the last block's ticket), the
+    classwise kernel with its bins in shared memory and in the partials, and the sweep. Also run
     under racecheck and synccheck (`python bench/memcheck_case.py sparse`)."""
     op = torch.ops.calibkernels.focal_loss_forward
     for dtype in [torch.float32, torch.bfloat16]:
@@ -43,6 +43,11 @@ def sparse_cases():
         for n_bins in (96, 97, 300) if c <= 1000 else ():
             ck.calibration_bins(x, t, n_bins, classwise=True, backend="cuda")
             ck.calibration_bins(x[:500], t[:500], n_bins, classwise=True, backend="cuda")
+        # the sweep's warp-private staging at each lane split (1, 2, 4, 8 sums a lane)
+        for k in (3, 40, 100, 256):
+            for dtype in (torch.float32, torch.bfloat16):
+                ck.calibration_sweep(x[:37].to(dtype), t[:37], torch.linspace(0.1, 10, k),
+                                     backend="cuda")
     print("calibration", flush=True)
 
 

@@ -204,6 +204,35 @@ def test_gpu_report_and_sweep_match_cpu(backend, dtype):
     assert bad["nll"].isnan().all() and bad["ece"].isnan().all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 3, 32, 33, 100, 256])
+@pytest.mark.parametrize("c", [1, 2, 255, 256, 257, 1000, 32000])
+def test_gpu_sweep_every_lane_split_matches_cpu(backend, k, c):
+    # The CUDA sweep splits a warp's lanes into groups of elements by lanes of temperatures (1-32
+    # temperature lanes, 1-8 sums a lane) and reads the row once in chunks of 256, online in the
+    # max: every split, rows ending on either side of a chunk, a max in a later chunk than the
+    # first (rescaled sums), confident rows and -inf entries.
+    n = max(8, 2 ** 17 // c)
+    x, t = _data(n, c, dtype=torch.float64, seed=c + k, ignore=True)
+    if c > 256:
+        x[1, -1] = 50.0  # the max in the last chunk: every earlier sum is rescaled
+        x[2, : c // 2] = float("-inf")
+        t[2] = c - 2  # a finite target logit: a finite NLL
+    x[3, t[3] if t[3] >= 0 else 0] += 30.0  # confident: p_y -> 1
+    temps = torch.linspace(0.05, 10.0, k, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xd = x.to(dtype)
+        gpu = ck.calibration_sweep(xd.cuda(), t.cuda(), temps, backend=backend)
+        cpu = ck.calibration_sweep(xd, t, temps)
+        msg = f"{dtype} K={k} C={c}"
+        tol = (dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64  # CONTRACT §4
+               else dict(rtol=1e-5, atol=1e-6))
+        torch.testing.assert_close(gpu["nll"].cpu(), cpu["nll"], **tol, msg=msg)
+        if dtype != torch.float64:  # an ulp of exp may move a sample across a bin's edge
+            tol = dict(rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(gpu["ece"].cpu(), cpu["ece"], **tol, msg=msg)
+
+
 # Row lengths at every edge of the CUDA rows kernel's layouts (in 16-byte chunks: 1-4, 5-8, 9-16,
 # 17-31 with 4 threads a row, then 8 chunks a thread from 4 to 512 threads, 4096 the last held in
 # registers) and beyond (streamed), aligned rows and rows whose length is not a multiple of 16 B.

@@ -237,3 +237,32 @@ def test_calibration_rows_instructions_per_element(calib90):
         per_element = ((len(kernels[(t, 4, 8, 1)]) - len(kernels[(t, 4, 4, 1)]))
                        / (4 * VEC[t]))
         assert per_element <= 24, f"{t}: {per_element:.1f} instructions an element"
+
+
+# ---- the temperature sweep: a warp a row, the row read once for all K temperatures ----
+
+SWEEP_KERNEL = re.compile(r"calibration_sweep_rows_kernelI(13__nv_bfloat16|6__half|f|d)Li(\d+)E")
+
+
+@pytest.fixture(scope="module")
+def sweep90(tmp_path_factory):
+    return compile_sass(tmp_path_factory, CALIB_SOURCE, SWEEP_KERNEL)
+
+
+def test_sweep_reads_each_row_once(sweep90):
+    spills, kernels = sweep90
+    assert set(kernels) == {(t, j) for t in (*VEC, "d") for j in (1, 2, 4, 8)}
+    for (t, j), ins in kernels.items():
+        what = f"{t} J={j}"
+        count = lambda pat: sum(1 for i in ins if re.search(pat, i))  # noqa: E731
+        # global loads: the target, a chunk of 8 logits a lane, then x[y] once a row; the K
+        # temperatures come from the parameter bank
+        assert count(r"\bLDG\b") == 1 + 8 + 1, what
+        shared = [k for k, i in enumerate(ins) if re.search(r"\bLDS\b", i)]
+        local = [i for i in ins[shared[0]:shared[-1] + 1] if re.search(r"\b(LDL|STL)\b", i)]
+        assert not local, f"{what}: local memory in the element loop: {local}"
+        if t == "d":
+            continue  # float64 (tests, not speed): its division and log calls spill once a row
+        assert spills[(t, j)] == 0, what
+        # J sums a lane: an exp2 per staged element and temperature, J to rescale, J for p_y
+        assert count(r"\bMUFU\.EX2\b") == j * (len(shared) + 2), what

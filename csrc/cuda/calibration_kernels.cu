@@ -481,16 +481,37 @@ unsigned row_blocks(int64_t n_rows) {
   return static_cast<unsigned>(blocks < 1048576 ? (blocks > 0 ? blocks : 1) : 1048576);
 }
 
-// ---- the temperature sweep: a warp per row, the row re-read from cache for each T ----
+// ---- the temperature sweep: a warp per row, read once (CONTRACT §2) ----
+// A chunk of kSweepChunk elements is loaded (every load issued before the first use) and staged
+// in the warp's shared memory; the lanes then split as (element group g) x (temperature lane t):
+// L = min(32, next pow2 of K) temperature lanes, each summing J <= 8 temperatures t + L·j over
+// the chunk elements of its group, online in the row max as the Triton sweep is. The groups are
+// merged by a fixed shuffle tree: the same bits every run.
 
-template <typename T>
+constexpr int kSweepPerLane = 8;
+constexpr int kSweepChunk = 32 * kSweepPerLane;
+
+template <typename T, int J>
 __global__ void __launch_bounds__(32 * kRowWarps) calibration_sweep_rows_kernel(SweepLaunch p) {
   using A = typename MathType<T>::type;
+  constexpr int kUnroll = sizeof(A) == 8 ? 2 : 8;  // float64 (tests, not speed): no spills
+  __shared__ A stage[kRowWarps][kSweepChunk];
   const T* __restrict__ logits = static_cast<const T*>(p.logits);
   A* __restrict__ conf = static_cast<A*>(p.conf);
   A* __restrict__ nll = static_cast<A*>(p.nll);
   const int lane = threadIdx.x % 32;
+  A* const chunk = stage[threadIdx.x / 32];
   const int64_t C = p.n_classes;
+  const int K = p.n_temps;
+  int L = 1;
+  while (L < K && L < 32) L *= 2;
+  const int G = 32 / L, g = lane / L, t = lane % L;
+  A inv_t[J];
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int k = t + L * j;
+    inv_t[j] = static_cast<A>(k < K ? 1.0 / p.temperatures[k] : 1.0);
+  }
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
        r < p.n_rows; r += static_cast<int64_t>(gridDim.x) * kRowWarps) {
     const T* __restrict__ row = logits + r * C;
@@ -499,41 +520,73 @@ __global__ void __launch_bounds__(32 * kRowWarps) calibration_sweep_rows_kernel(
     const int64_t y_safe = kept ? y : 0;
     A m = -INFINITY;
     int64_t idx = C;
-    for (int64_t c = lane; c < C; c += 32) {
-      const A v = to_math(row[c]);
-      if (v > m) {
-        m = v;
-        idx = c;
+    A other[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) other[j] = A(0);
+    for (int64_t base = 0; base < C; base += kSweepChunk) {
+      A v[kSweepPerLane];
+#pragma unroll
+      for (int u = 0; u < kSweepPerLane; ++u) {
+        const int64_t c = base + lane + 32 * u;
+        v[u] = c < C ? to_math(row[c]) : A(-INFINITY);
       }
+      A cm = -INFINITY;  // the chunk's max and its first index (NaN never wins, as in argmax)
+      int64_t ci = C;
+#pragma unroll
+      for (int u = 0; u < kSweepPerLane; ++u) {
+        if (v[u] > cm) {
+          cm = v[u];
+          ci = base + lane + 32 * u;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) {
+        const A om = __shfl_xor_sync(0xffffffffu, cm, off);
+        const int64_t oi = __shfl_xor_sync(0xffffffffu, ci, off);
+        if (om > cm || (om == cm && oi < ci)) {
+          cm = om;
+          ci = oi;
+        }
+      }
+      if (cm > m) {  // warp-uniform: rescale the sums to the new max
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+          other[j] = other[j] == A(0) ? A(0) : other[j] * ck_exp((m - cm) * inv_t[j]);
+        }
+        m = cm;
+        idx = ci;
+      }
+#pragma unroll
+      for (int u = 0; u < kSweepPerLane; ++u) {  // the true class drops out of the sums here
+        chunk[lane + 32 * u] = base + lane + 32 * u == y_safe ? A(-INFINITY) : v[u];
+      }
+      __syncwarp();
+      // while the max is -inf the chunk holds only -inf and NaN: 0 as the shift adds 0 or NaN
+      const A shift = m == -INFINITY ? A(0) : m;
+#pragma unroll kUnroll
+      for (int e = g; e < kSweepChunk; e += G) {
+        const A x = chunk[e];
+#pragma unroll
+        for (int j = 0; j < J; ++j) other[j] += ck_exp((x - shift) * inv_t[j]);
+      }
+      __syncwarp();  // the chunk is read before the next one overwrites it
     }
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const A om = __shfl_xor_sync(0xffffffffu, m, off);
-      const int64_t oi = __shfl_xor_sync(0xffffffffu, idx, off);
-      if (om > m || (om == m && oi < idx)) {
-        m = om;
-        idx = oi;
-      }
+    for (int j = 0; j < J; ++j) {
+      for (int off = L; off < 32; off *= 2) other[j] += __shfl_xor_sync(0xffffffffu, other[j], off);
     }
     const A z_y_raw = to_math(row[y_safe]) - m;
-    for (int k = 0; k < p.n_temps; ++k) {
-      const A inv_t = static_cast<A>(1.0 / p.temperatures[k]);
-      A other = 0;
-      for (int64_t c = lane; c < C; c += 32) {
-        if (c == y_safe) continue;
-        const A v = to_math(row[c]);
-        other += v == -INFINITY ? A(0) : ck_exp((v - m) * inv_t);
-      }
+    // a target out of range: NaN in both (its NLL read column 0 and would be wrong, silently)
+    const bool valid = kept || y == p.ignore_index;
+    if (g == 0) {
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) other += __shfl_xor_sync(0xffffffffu, other, off);
-      if (lane == 0) {
-        const A z_y = z_y_raw * inv_t;
-        const A s = other + ck_exp(z_y);
-        // a target out of range: NaN in both (its NLL read column 0 and would be wrong, silently)
-        const bool valid = kept || y == p.ignore_index;
-        conf[r * p.n_temps + k] = valid ? A(1) / s : A(NAN);
-        nll[r * p.n_temps + k] =
-            !valid ? A(NAN) : z_y == A(0) ? ck_log1p(other) : ck_log(s) - z_y;
+      for (int j = 0; j < J; ++j) {
+        const int k = t + L * j;
+        if (k >= K) break;
+        const A z_y = z_y_raw * inv_t[j];
+        const A s = other[j] + ck_exp(z_y);
+        conf[r * K + k] = valid ? A(1) / s : A(NAN);
+        nll[r * K + k] = !valid ? A(NAN) : z_y == A(0) ? ck_log1p(other[j]) : ck_log(s) - z_y;
       }
     }
     if (lane == 0) p.correct[r] = idx == y;
@@ -681,8 +734,13 @@ cudaError_t launch_calibration_sweep(const SweepLaunch& p, cudaStream_t stream) 
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename MathType<T>::type;
-    if (p.n_rows > 0) {
-      calibration_sweep_rows_kernel<T><<<row_blocks(p.n_rows), 32 * kRowWarps, 0, stream>>>(p);
+    if (p.n_rows > 0) {  // J = ceil(K / 32) sums a lane, rounded up to a power of two
+      const unsigned blocks = row_blocks(p.n_rows);
+      const int J = p.n_temps <= 32 ? 1 : pow2_at_least((p.n_temps + 31) / 32);
+      if (J == 1) calibration_sweep_rows_kernel<T, 1><<<blocks, 32 * kRowWarps, 0, stream>>>(p);
+      else if (J == 2) calibration_sweep_rows_kernel<T, 2><<<blocks, 32 * kRowWarps, 0, stream>>>(p);
+      else if (J == 4) calibration_sweep_rows_kernel<T, 4><<<blocks, 32 * kRowWarps, 0, stream>>>(p);
+      else calibration_sweep_rows_kernel<T, 8><<<blocks, 32 * kRowWarps, 0, stream>>>(p);
     }
     const int64_t chunks = calib_chunks(p.n_rows);
     calibration_sweep_partials_kernel<A>
