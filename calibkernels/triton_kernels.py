@@ -680,8 +680,9 @@ def calibration_sweep_rows_kernel(X, TARGET, TEMPS, CONF, NLL, CORRECT, n_classe
         grew = cm > m
         idx = tl.where(grew, cidx, idx)
         new_m = tl.maximum(m, cm)
+        # from a max of -inf the sums are 0 or NaN (a NaN seen so far): kept as they are
         shift = tl.where(grew & (m > float("-inf")), m - new_m, 0.0)
-        other = tl.where(grew & (m == float("-inf")), 0.0, other * tl.exp(shift * inv_t))
+        other = other * tl.exp(shift * inv_t)
         m = new_m
         z = (x - m)[None, :] * inv_t[:, None]
         e = tl.where((x == float("-inf"))[None, :], 0.0, tl.exp(z))  # also while m is -inf

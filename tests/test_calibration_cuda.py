@@ -205,6 +205,22 @@ def test_gpu_report_and_sweep_match_cpu(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 40, 256])
+def test_gpu_sweep_keeps_a_nan_seen_before_the_first_finite_logit(backend, k):
+    # the row's first 300 classes (more than a CUDA chunk, than a Triton block) are a NaN and
+    # -inf: the NaN is summed while the max is -inf and must survive the rescaling
+    x, t = _data(16, 1000, dtype=torch.float32, seed=k)
+    x[5, 0], x[5, 1:300], t[5] = float("nan"), float("-inf"), 600
+    temps = torch.linspace(0.1, 10.0, k, dtype=torch.float64)
+    out = ck.calibration_sweep(x.cuda(), t.cuda(), temps, backend=backend)
+    assert out["nll"].isnan().all() and out["ece"].isnan().all()
+    x[5, 0] = float("-inf")  # without the NaN: finite, and the CPU's
+    out = ck.calibration_sweep(x.cuda(), t.cuda(), temps, backend=backend)
+    cpu = ck.calibration_sweep(x, t, temps)
+    torch.testing.assert_close(out["nll"].cpu(), cpu["nll"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 3, 32, 33, 100, 256])
 @pytest.mark.parametrize("c", [1, 2, 255, 256, 257, 1000, 32000])
 def test_gpu_sweep_every_lane_split_matches_cpu(backend, k, c):

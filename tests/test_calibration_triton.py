@@ -146,6 +146,17 @@ def test_triton_sweep_poisons_an_out_of_range_target():
         assert ours["nll"].isnan().all() and ours["ece"].isnan().all(), bad
 
 
+def test_triton_sweep_keeps_a_nan_seen_before_the_first_finite_logit():
+    # 256 temperatures: the row is read 32 classes at a time; its first piece holds only a NaN
+    # and -inf, so the max is still -inf when the NaN is summed (it was reset to 0 there)
+    x, t = _data(8, 100, dtype=torch.float32, seed=9)
+    x[5, 0], x[5, 1:40], t[5] = float("nan"), float("-inf"), 60
+    temps = torch.linspace(0.1, 10.0, 256, dtype=torch.float64)
+    for out in [ck.calibration_sweep(x, t, temps),
+                ck.calibration_sweep(x.to(DEVICE), t.to(DEVICE), temps, backend="triton")]:
+        assert out["nll"].isnan().all() and out["ece"].isnan().all()
+
+
 def test_triton_takes_at_most_1024_bins_and_auto_leaves_it_beyond(monkeypatch):
     focal_loss_module = importlib.import_module("calibkernels.focal_loss")  # not the function
     x, t = _data(20, 5, dtype=torch.float32, seed=3)

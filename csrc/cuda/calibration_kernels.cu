@@ -491,8 +491,9 @@ unsigned row_blocks(int64_t n_rows) {
 constexpr int kSweepPerLane = 8;
 constexpr int kSweepChunk = 32 * kSweepPerLane;
 
+// (2 blocks an SM: ptxas otherwise caps the J = 8 kernel at 80 registers and spills)
 template <typename T, int J>
-__global__ void __launch_bounds__(32 * kRowWarps) calibration_sweep_rows_kernel(SweepLaunch p) {
+__global__ void __launch_bounds__(32 * kRowWarps, 2) calibration_sweep_rows_kernel(SweepLaunch p) {
   using A = typename MathType<T>::type;
   constexpr int kUnroll = sizeof(A) == 8 ? 2 : 8;  // float64 (tests, not speed): no spills
   __shared__ A stage[kRowWarps][kSweepChunk];
@@ -563,12 +564,17 @@ __global__ void __launch_bounds__(32 * kRowWarps) calibration_sweep_rows_kernel(
       __syncwarp();
       // while the max is -inf the chunk holds only -inf and NaN: 0 as the shift adds 0 or NaN
       const A shift = m == -INFINITY ? A(0) : m;
+      A part[J];  // the chunk's sums apart: a long row is not one running sum
+#pragma unroll
+      for (int j = 0; j < J; ++j) part[j] = A(0);
 #pragma unroll kUnroll
       for (int e = g; e < kSweepChunk; e += G) {
         const A x = chunk[e];
 #pragma unroll
-        for (int j = 0; j < J; ++j) other[j] += ck_exp((x - shift) * inv_t[j]);
+        for (int j = 0; j < J; ++j) part[j] += ck_exp((x - shift) * inv_t[j]);
       }
+#pragma unroll
+      for (int j = 0; j < J; ++j) other[j] += part[j];
       __syncwarp();  // the chunk is read before the next one overwrites it
     }
 #pragma unroll
@@ -589,7 +595,7 @@ __global__ void __launch_bounds__(32 * kRowWarps) calibration_sweep_rows_kernel(
         nll[r * K + k] = !valid ? A(NAN) : z_y == A(0) ? ck_log1p(other[j]) : ck_log(s) - z_y;
       }
     }
-    if (lane == 0) p.correct[r] = idx == y;
+    if (lane == 0) p.correct[r] = kept && idx == y;
   }
 }
 
