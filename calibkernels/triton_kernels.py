@@ -663,7 +663,9 @@ def calibration_sweep_rows_kernel(X, TARGET, TEMPS, CONF, NLL, CORRECT, n_classe
     x_row = X + row * n_classes
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < n_temps
-    inv_t = 1.0 / tl.load(TEMPS + ts, mask=tmask, other=1.0).to(MATH_T)
+    temp = tl.load(TEMPS + ts, mask=tmask, other=1.0).to(MATH_T)
+    # a T that is not finite and > 0 (passed on the device, unchecked): NaN, never a number
+    inv_t = tl.where((temp > 0.0) & (temp < float("inf")), 1.0 / temp, float("nan"))
     cols = tl.arange(0, BLOCK_C)
     y = tl.load(TARGET + row).to(tl.int64)
     kept = y != ignore_index

@@ -408,6 +408,12 @@ def calibration_sweep_triton(logits: torch.Tensor, target: torch.Tensor,
     k = temperatures.numel()
     if temperatures.dim() != 1 or not 1 <= k <= 256:
         raise ValueError("calibration_sweep: temperatures must be 1-D, 1 to 256 values")
+    # on the device (or traced) they are checked in the kernel: a bad T gives NaN, never a number
+    if temperatures.device.type == "cpu" and not _tracing():
+        bad = ~(torch.isfinite(temperatures) & (temperatures > 0))
+        if bad.any():
+            raise ValueError("calibration_sweep: temperatures must be finite and > 0, got "
+                             f"{temperatures[bad][0].item()}")
     x, t, beta = logits.contiguous(), target.to(torch.int64).contiguous(), boundaries.contiguous()
     n, c = x.shape
     n_bins = beta.numel() - 1

@@ -75,24 +75,26 @@ def make_probs(x, seed=0, sharp=False):
 
 
 def assert_nan_logits_like_torch(fn, c, dtype, device="cpu", **kw):
-    """A NaN logit anywhere in a row (not the max, the target, the whole row) makes that row's
-    loss and gradient NaN, as F.cross_entropy does; the other rows stay finite. c >= 2."""
+    """A NaN logit anywhere in a row (not the max, the target, the whole row, first and then -inf
+    up to the last two classes: a streamed row's first blocks hold no finite value) makes that
+    row's loss and gradient NaN, as F.cross_entropy does; the other rows stay finite. c >= 2."""
     g = torch.Generator().manual_seed(c)
-    x = torch.randn(6, c, generator=g, dtype=torch.float64) * 2
-    t = torch.randint(0, c, (6,), generator=g)
+    x = torch.randn(7, c, generator=g, dtype=torch.float64) * 2
+    t = torch.randint(0, c, (7,), generator=g)
     nan = float("nan")
     x[1, (t[1] + 1) % c] = nan  # a class other than the target
     x[2, t[2]] = nan            # the target
     x[3] = nan                  # every class
     x[4, 0], t[4] = nan, 1
     x[4, t[4]] += 30.0          # a confident row with a NaN elsewhere
+    x[6, 1:-2], x[6, 0], t[6] = float("-inf"), nan, c - 1  # NaN while the max is still -inf
     x = x.to(dtype).to(device).requires_grad_()
     t = t.to(device)
     loss = fn(x, t, reduction="none", **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     expected = torch.nn.functional.cross_entropy(x.double(), t, reduction="none")
     bad = expected.isnan()
-    assert bad.tolist() == [False, True, True, True, True, False]
+    assert bad.tolist() == [False, True, True, True, True, False, True]
     assert torch.equal(loss.isnan(), bad), (loss, expected)
     assert grad[bad].isnan().all() and torch.isfinite(grad[~bad]).all()
 

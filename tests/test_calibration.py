@@ -146,15 +146,21 @@ def test_per_sample_confidence_and_argmax_ties():
 
 def poisoned_logits(c, dtype=torch.float32, seed=0):
     """Rows torch.argmax calls right but whose confidence is NaN (all NaN, NaN or +inf at the
-    target, NaN beside it, all -inf), each kind at the start, middle and end of a row, among clean
-    rows: (logits, target, the expected correctness)."""
+    target, NaN beside it, all -inf, a NaN first then -inf up to the target, the max: a streamed
+    row's first blocks hold no finite value), each kind at the start, middle and end of a row,
+    among clean rows: (logits, target, the expected correctness)."""
     x, t = _data(64, c, dtype=torch.float64, seed=seed)
     nan, inf = float("nan"), float("inf")
     r = 0
     for k in sorted({0, c // 2, c - 1}):
-        for poison in ["all", "nan_at_target", "nan_beside", "inf_at_target", "all_-inf"]:
+        for poison in ["all", "nan_at_target", "nan_beside", "inf_at_target", "all_-inf",
+                       "nan_then_-inf"]:
             t[r] = k
-            if poison == "all":
+            if poison == "nan_then_-inf":
+                x[r, k] = x[r].max() + 1
+                x[r, 1:k] = -inf
+                x[r, 0] = nan
+            elif poison == "all":
                 x[r] = nan
             elif poison == "all_-inf":
                 x[r] = -inf

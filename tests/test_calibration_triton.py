@@ -77,8 +77,9 @@ def test_triton_poisons_bad_samples_instead_of_reading_astray():
 
 
 def test_triton_never_counts_a_nan_confidence_correct():
-    # the rule must not depend on whether a max keeps a NaN (numpy's and a GPU's differ)
-    for c in [2, 5, 40, 100]:
+    # the rule must not depend on whether a max keeps a NaN (numpy's and a GPU's differ);
+    # 5000 classes: the rows kernel streams 4096 at a time
+    for c in [2, 5, 40, 100, 5000]:
         x, t, expected = poisoned_logits(c)
         conf, correct = per_sample(x.to(DEVICE), t.to(DEVICE), backend="triton")
         assert torch.equal(correct.cpu(), expected), c
@@ -135,6 +136,22 @@ def test_triton_sweep_op_reads_strided_temperatures():
     dense = op(x.to(DEVICE), t.to(DEVICE), temps[::2].contiguous(), beta, -100)
     for a, b in zip(strided, dense):
         assert torch.equal(a, b)
+
+
+def test_triton_sweep_takes_only_finite_positive_temperatures():
+    x, t = _data(40, 13, dtype=torch.float32, seed=7)
+    for bad in [-2.0, 0.0, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="temperatures must be finite and > 0"):
+            ck.calibration_sweep(x.to(DEVICE), t.to(DEVICE), [1.0, bad], backend="triton")
+    # the op with its temperatures on the device cannot raise without a sync: that T is NaN
+    ck.ops.load_triton()
+    beta = ck.calibration.bin_boundaries(15, DEVICE)
+    temps = torch.tensor([1.0, -2.0, 0.0, 2.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="temperatures must be finite and > 0, got -2.0"):
+        ck.ops.calibration_sweep_triton(x.to(DEVICE), t.to(DEVICE), temps, beta, -100)
+    if DEVICE == "cuda":
+        nll = ck.ops.calibration_sweep_triton(x.cuda(), t.cuda(), temps.cuda(), beta, -100)[3]
+        assert nll.isnan().tolist() == [False, True, True, False]
 
 
 def test_triton_sweep_poisons_an_out_of_range_target():

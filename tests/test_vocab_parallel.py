@@ -58,6 +58,53 @@ def test_gloo_ranks_equal_one_process(tmp_path, world):
                                        msg=where)
 
 
+def _poisoned():
+    """Rows a NaN or +inf poisons (F.cross_entropy's NaN), among clean ones: a window of rank 0
+    holding only a NaN and -inf, a NaN target logit, a +inf beside the target; a window of only
+    -inf with a finite target elsewhere stays finite."""
+    x, t = _data()
+    nan, inf = float("nan"), float("inf")
+    x[1, 0], x[1, 1:20], t[1] = nan, -inf, 30
+    x[2, t[2]] = nan
+    x[3, (t[3] + 1) % V], t[3] = inf, 5
+    x[5, 20:], t[5] = -inf, 3
+    return x, t
+
+
+def _poisoned_rank(rank, world):
+    x, t = _poisoned()
+    lo, hi = SLICES[world][rank], SLICES[world][rank + 1]
+    results = []
+    for gamma, eps in [(0.0, 0.0), (3.0, 0.1)]:
+        local = x[:, lo:hi].clone().requires_grad_()
+        loss = ck.vocab_parallel_focal_loss(local, t, gamma=gamma, label_smoothing=eps,
+                                            reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), local)
+        results.append((loss.detach(), grad))
+    return results
+
+
+@pytest.mark.slow
+def test_gloo_ranks_poisoned_rows_are_nan_like_one_process(tmp_path):
+    # a NaN that one rank's MAX all-reduce may drop must still reach every rank through the SUM
+    ranks = run_gloo_ranks(_poisoned_rank, 2, tmp_path)
+    x, t = _poisoned()
+    for rank in range(2):
+        lo, hi = SLICES[2][rank], SLICES[2][rank + 1]
+        for (gamma, eps), (loss, grad) in zip([(0.0, 0.0), (3.0, 0.1)], ranks[rank]):
+            xr = x.clone().requires_grad_()
+            expected = ck.focal_loss(xr, t, gamma=gamma, label_smoothing=eps, reduction="none")
+            (expected_grad,) = torch.autograd.grad(expected.sum(), xr)
+            where = f"rank {rank}, gamma {gamma}, eps {eps}"
+            torch_nan = torch.nn.functional.cross_entropy(x, t, reduction="none").isnan()
+            assert torch.equal(expected.isnan(), torch_nan), where
+            assert torch_nan[1:4].all() and not torch_nan[5], where
+            torch.testing.assert_close(loss, expected.detach(), rtol=1e-12, atol=1e-14,
+                                       equal_nan=True, msg=where)
+            torch.testing.assert_close(grad, expected_grad[:, lo:hi], rtol=1e-12, atol=1e-14,
+                                       equal_nan=True, msg=where)
+
+
 def test_without_a_process_group_it_says_what_to_use():
     with pytest.raises(RuntimeError, match="use calibkernels.focal_loss"):
         ck.vocab_parallel_focal_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
