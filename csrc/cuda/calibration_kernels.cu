@@ -495,7 +495,7 @@ constexpr int kSweepChunk = 32 * kSweepPerLane;
 template <typename T, int J>
 __global__ void __launch_bounds__(32 * kRowWarps, 2) calibration_sweep_rows_kernel(SweepLaunch p) {
   using A = typename MathType<T>::type;
-  constexpr int kUnroll = sizeof(A) == 8 ? 2 : 8;  // float64 (tests, not speed): no spills
+  constexpr int kUnroll = sizeof(A) == 8 ? 2 : 8;  // float64 (tests, not speed): fewer registers
   __shared__ A stage[kRowWarps][kSweepChunk];
   const T* __restrict__ logits = static_cast<const T*>(p.logits);
   A* __restrict__ conf = static_cast<A*>(p.conf);
