@@ -48,6 +48,10 @@ def sparse_cases():
             for dtype in (torch.float32, torch.bfloat16):
                 ck.calibration_sweep(x[:37].to(dtype), t[:37], torch.linspace(0.1, 10, k),
                                      backend="cuda")
+        # its binning: 2 chunks (the second's quarters full, short and empty), 2 blocks of
+        # temperatures (the second 8 wide), 3 tiles of bins reusing the shared memory
+        if c == 10:
+            ck.calibration_sweep(x, t, torch.linspace(0.1, 10, 40), 45, backend="cuda")
     print("calibration", flush=True)
 
 

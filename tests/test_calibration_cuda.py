@@ -249,6 +249,32 @@ def test_gpu_sweep_every_lane_split_matches_cpu(backend, k, c):
         torch.testing.assert_close(gpu["ece"].cpu(), cpu["ece"], **tol, msg=msg)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_bins", [1, 20, 21, 100])
+@pytest.mark.parametrize("n,k", [(0, 3), (1, 1), (511, 33), (5000, 65)])
+def test_gpu_sweep_bins_of_every_chunk_match_cpu(backend, n_bins, n, k):
+    # The CUDA sweep's binning: a block per chunk of 2048 rows, 32 temperatures and a tile of at
+    # most 20 bins, its four warps a quarter of the rows each: empty batches, chunks and quarters
+    # that end early, temperature blocks that end early and several bin tiles, in float64 (the
+    # CPU's bins exactly, CONTRACT §4)
+    x, t = _data(n, 50, dtype=torch.float64, seed=n + k, ignore=True)
+    temps = torch.linspace(0.3, 4.0, k, dtype=torch.float64)
+    beta = ck.calibration.bin_boundaries(n_bins, torch.device("cpu"))
+    if backend == "triton":
+        ck.ops.load_triton()
+        gpu = ck.ops.calibration_sweep_triton(x.cuda(), t.cuda(), temps.cuda(), beta.cuda(), -100)
+    else:
+        gpu = ck.ops.calibration_sweep(x.cuda(), t.cuda(), temps, beta.cuda(), -100)
+    cpu = ck.ops.calibration_sweep(x, t, temps, beta, -100)
+    for name, a, b in zip(["counts", "conf_sums", "hits", "nll_sums"], gpu, cpu):
+        if a.dtype == torch.int64:
+            assert torch.equal(a.cpu(), b), name
+        else:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12, msg=name)
+    kept = int((t != -100).sum())
+    assert gpu[0].sum(1).eq(kept).all()  # every kept row in one bin at every temperature
+
+
 # Row lengths at every edge of the CUDA rows kernel's layouts (in 16-byte chunks: 1-4, 5-8, 9-16,
 # 17-31 with 4 threads a row, then 8 chunks a thread from 4 to 512 threads, 4096 the last held in
 # registers) and beyond (streamed), aligned rows and rows whose length is not a multiple of 16 B.

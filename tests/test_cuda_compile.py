@@ -42,37 +42,56 @@ def cuobjdump():
     return path
 
 
-def compile_cubin(arch, out, source=SOURCE, kernel=KERNEL, flags=()):
-    """{(dtype, *template ints): spill bytes} from ptxas -v; the cubin written to out."""
+def ptxas(arch, out, source=SOURCE, flags=()):
+    """ptxas -v's report of the build of source for sm_{arch}; the cubin written to out."""
     r = subprocess.run([NVCC, "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                         "-Xptxas", "-v", "-cubin", *flags, "-o", out, source],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-4000:]
+    return r.stderr
+
+
+def key(m):
+    """(dtype, *template ints) of a kernel name's match."""
+    return (m.group(1), *map(int, m.groups()[1:]))
+
+
+def spills_of(report, kernel):
+    """{key: spill bytes} of the kernels that match `kernel` in a ptxas report."""
     spills, current = {}, None
-    for line in r.stderr.splitlines():
+    for line in report.splitlines():
         entry = re.search(r"Compiling entry function '(\w+)'", line)
         if entry:
             m = kernel.search(entry.group(1))
-            current = (m.group(1), *map(int, m.groups()[1:])) if m else None
+            current = key(m) if m else None
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if spill and current is not None:
             spills[current] = max(int(spill.group(1)), int(spill.group(2)))
     return spills
 
 
+def compile_cubin(arch, out, source=SOURCE, kernel=KERNEL, flags=()):
+    """{key: spill bytes} from ptxas -v; the cubin written to out."""
+    return spills_of(ptxas(arch, out, source, flags), kernel)
+
+
+_SM90 = {}  # (source, flags): (ptxas report, SASS), one build for every fixture that reads it
+
+
 def compile_sass(tmp_path_factory, source, kernel, flags=()):
     """(spills, {key: SASS instructions}) of the sm_90 build of source."""
-    out = str(tmp_path_factory.mktemp("cubin") / "k90.cubin")
-    spills = compile_cubin(90, out, source, kernel, flags)
-    sass = subprocess.run([cuobjdump(), "-sass", out], capture_output=True, text=True,
-                          check=True).stdout
+    if (source, flags) not in _SM90:
+        out = str(tmp_path_factory.mktemp("cubin") / "k90.cubin")
+        report = ptxas(90, out, source, flags)
+        _SM90[(source, flags)] = report, subprocess.run(
+            [cuobjdump(), "-sass", out], capture_output=True, text=True, check=True).stdout
+    report, sass = _SM90[(source, flags)]
     kernels = {}
     for body in re.split(r"\n\s*Function : ", sass)[1:]:
         m = kernel.search(body.split("\n", 1)[0])
         if m:
-            kernels[(m.group(1), *map(int, m.groups()[1:]))] = re.findall(
-                r"/\*[0-9a-f]{4,}\*/\s+([^;]+);", body)
-    return spills, kernels
+            kernels[key(m)] = re.findall(r"/\*[0-9a-f]{4,}\*/\s+([^;]+);", body)
+    return spills_of(report, kernel), kernels
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +285,21 @@ def test_sweep_reads_each_row_once(sweep90):
         assert spills[(t, j)] == 0, what
         # J sums a lane: an exp2 per staged element and temperature, J to rescale, J for p_y
         assert count(r"\bMUFU\.EX2\b") == j * (len(shared) + 2), what
+
+
+PARTIALS_KERNEL = re.compile(r"calibration_sweep_partials_kernelI(f|d)E")
+
+
+def test_sweep_partials_load_a_batch_of_rows_before_using_it(tmp_path_factory):
+    # a row's 32 temperatures are one coalesced read; a warp's 8 rows of confidences and NLLs
+    # (read-only: LDG.CONSTANT) issued before the first bin is updated in shared memory; the
+    # compiler may sink the first row's under its "kept" test
+    spills, kernels = compile_sass(tmp_path_factory, CALIB_SOURCE, PARTIALS_KERNEL)
+    assert set(kernels) == {("f",), ("d",)}
+    for (t,), ins in kernels.items():
+        assert spills[(t,)] == 0, t
+        assert not [i for i in ins if re.search(r"\b(LDL|STL)\b", i)], t
+        values = [k for k, i in enumerate(ins) if re.search(r"\bLDG\.E\S*\.CONSTANT\b", i)]
+        first_update = next(k for k, i in enumerate(ins) if re.search(r"\bLDS\b", i))
+        assert len(values) == 2 * 8, t
+        assert sum(k < first_update for k in values) >= 2 * 7, t

@@ -599,39 +599,97 @@ __global__ void __launch_bounds__(32 * kRowWarps, 2) calibration_sweep_rows_kern
   }
 }
 
-// The bins and NLL sum of one chunk of rows at one temperature (blockIdx.y).
+// The bins and NLL sum of one chunk of rows (blockIdx.x) at 32 temperatures, a lane each
+// (blockIdx.y): a row's 32 temperatures are one coalesced read. Warp w sums its quarter of the
+// chunk's rows in order, 8 rows' loads issued before their first use, into its own shared-memory
+// bins (a tile of at most kSweepBinTile bins a pass, blockIdx.z); the quarters are then added in
+// warp order: the same bits every run.
+constexpr int kSweepPartWarps = 4;
+constexpr int kSweepPartBatch = 8;
+constexpr int kSweepBinTile = 20;  // 4 warps x 20 bins x 32 lanes x 16 B: 40 KB of shared memory
+constexpr int64_t kSweepPartSlice = kCalibRowsPerChunk / kSweepPartWarps;
+static_assert(kCalibRowsPerChunk % kSweepPartWarps == 0, "a chunk splits into equal quarters");
+
+__host__ __device__ int sweep_bin_tile(int n_bins) {
+  return n_bins < kSweepBinTile ? n_bins : kSweepBinTile;
+}
+
 template <typename A>
-__global__ void calibration_sweep_partials_kernel(SweepLaunch p) {
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kCalibRowsPerChunk;
-  const int64_t rows =
-      p.n_rows - first < kCalibRowsPerChunk ? p.n_rows - first : kCalibRowsPerChunk;
-  const int k = blockIdx.y;
+__global__ void __launch_bounds__(32 * kSweepPartWarps)
+    calibration_sweep_partials_kernel(SweepLaunch p) {
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ double nll_parts[kSweepPartWarps][32];
+  const int K = p.n_temps, nb = p.n_bins, tile = sweep_bin_tile(nb);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int k = static_cast<int>(blockIdx.y) * 32 + lane;
+  const int k_safe = k < K ? k : K - 1;  // lanes past K read a real column and write nothing
+  double* sums = reinterpret_cast<double*>(smem_raw);  // [warp][bin][lane]
+  int* counts = reinterpret_cast<int*>(sums + kSweepPartWarps * tile * 32);  // the same
+  int* hits = counts + kSweepPartWarps * tile * 32;
+  const int mine = warp * tile * 32 + lane;  // this lane's slot of the tile's first bin
+  const int64_t chunk = blockIdx.x;
+  const int64_t first = chunk * kCalibRowsPerChunk + warp * kSweepPartSlice;
+  const int64_t left = p.n_rows - first;
+  const int rows =
+      left <= 0 ? 0 : static_cast<int>(left < kSweepPartSlice ? left : kSweepPartSlice);
   const A* __restrict__ conf = static_cast<const A*>(p.conf);
   const A* __restrict__ nll = static_cast<const A*>(p.nll);
-  const int64_t slot0 = (static_cast<int64_t>(blockIdx.x) * p.n_temps + k) * p.n_bins;
-  for (int b = threadIdx.x; b < p.n_bins; b += blockDim.x) {
-    int64_t count = 0, hit = 0;
-    double sum = 0.0;
-    for (int64_t j = 0; j < rows; ++j) {
-      const int64_t i = first + j;
-      if (p.target[i] == p.ignore_index) continue;
-      const A c = conf[i * p.n_temps + k];
-      if (bin_index(c, p.boundaries, p.n_bins) != b) continue;
-      count += 1;
-      sum += static_cast<double>(c);
-      hit += p.correct[i] && c == c ? 1 : 0;  // a NaN confidence is never correct
+  for (int b0 = static_cast<int>(blockIdx.z) * tile; b0 < nb;
+       b0 += static_cast<int>(gridDim.z) * tile) {
+    const int n = nb - b0 < tile ? nb - b0 : tile;
+    for (int b = 0; b < n; ++b) {
+      sums[mine + 32 * b] = 0.0;
+      counts[mine + 32 * b] = 0;
+      hits[mine + 32 * b] = 0;
     }
-    p.part_counts[slot0 + b] = count;
-    p.part_sums[slot0 + b] = sum;
-    p.part_hits[slot0 + b] = hit;
-  }
-  if (threadIdx.x == 0) {
     double total = 0.0;
-    for (int64_t j = 0; j < rows; ++j) {
-      const int64_t i = first + j;
-      if (p.target[i] != p.ignore_index) total += static_cast<double>(nll[i * p.n_temps + k]);
+    for (int j0 = 0; j0 < rows; j0 += kSweepPartBatch) {
+      A c[kSweepPartBatch], l[kSweepPartBatch];
+      bool keep[kSweepPartBatch], hit[kSweepPartBatch];
+#pragma unroll
+      for (int u = 0; u < kSweepPartBatch; ++u) {  // past the quarter's end: its last row again
+        const int64_t i = first + (j0 + u < rows ? j0 + u : rows - 1);
+        keep[u] = j0 + u < rows && p.target[i] != p.ignore_index;
+        hit[u] = p.correct[i];
+        c[u] = conf[i * K + k_safe];
+        l[u] = nll[i * K + k_safe];
+      }
+#pragma unroll
+      for (int u = 0; u < kSweepPartBatch; ++u) {
+        if (!keep[u]) continue;
+        total += static_cast<double>(l[u]);
+        const int b = bin_index(c[u], p.boundaries, nb) - b0;
+        if (b >= 0 && b < n) {
+          counts[mine + 32 * b] += 1;
+          sums[mine + 32 * b] += static_cast<double>(c[u]);
+          hits[mine + 32 * b] += hit[u] && c[u] == c[u] ? 1 : 0;  // NaN: never correct
+        }
+      }
     }
-    p.part_nll[static_cast<int64_t>(blockIdx.x) * p.n_temps + k] = total;
+    nll_parts[warp][lane] = total;
+    __syncthreads();
+    for (int s = threadIdx.x; s < 32 * n; s += blockDim.x) {  // the quarters, in warp order
+      const int b = s / 32, kk = static_cast<int>(blockIdx.y) * 32 + s % 32;
+      if (kk >= K) continue;
+      int64_t count = 0, hit = 0;
+      double sum = 0.0;
+      for (int w = 0; w < kSweepPartWarps; ++w) {
+        const int at = w * tile * 32 + s;
+        count += counts[at];
+        sum += sums[at];
+        hit += hits[at];
+      }
+      const int64_t out = (chunk * K + kk) * nb + b0 + b;
+      p.part_counts[out] = count;
+      p.part_sums[out] = sum;
+      p.part_hits[out] = hit;
+    }
+    if (b0 == 0 && threadIdx.x < 32 && k < K) {
+      double sum = 0.0;
+      for (int w = 0; w < kSweepPartWarps; ++w) sum += nll_parts[w][lane];
+      p.part_nll[chunk * K + k] = sum;
+    }
+    __syncthreads();  // every bin read before the next tile's zeros
   }
 }
 
@@ -749,9 +807,13 @@ cudaError_t launch_calibration_sweep(const SweepLaunch& p, cudaStream_t stream) 
       else calibration_sweep_rows_kernel<T, 8><<<blocks, 32 * kRowWarps, 0, stream>>>(p);
     }
     const int64_t chunks = calib_chunks(p.n_rows);
-    calibration_sweep_partials_kernel<A>
-        <<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(p.n_temps)), 32, 0,
-           stream>>>(p);
+    const int tile = sweep_bin_tile(p.n_bins);
+    const int64_t tiles = (p.n_bins + tile - 1) / tile;
+    const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>((p.n_temps + 31) / 32),
+                    static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
+    calibration_sweep_partials_kernel<A><<<grid, 32 * kSweepPartWarps,
+                                           static_cast<size_t>(kSweepPartWarps) * tile * 32 * 16,
+                                           stream>>>(p);
     const int64_t slots = static_cast<int64_t>(p.n_temps) * p.n_bins;
     calibration_reduce_kernel<int64_t><<<static_cast<unsigned>((slots + 255) / 256), 256, 0,
                                          stream>>>(p.part_counts, p.part_sums, p.part_hits,
