@@ -303,3 +303,21 @@ def test_sweep_partials_load_a_batch_of_rows_before_using_it(tmp_path_factory):
         first_update = next(k for k, i in enumerate(ins) if re.search(r"\bLDS\b", i))
         assert len(values) == 2 * 8, t
         assert sum(k < first_update for k in values) >= 2 * 7, t
+
+
+CLASSWISE_KERNEL = re.compile(
+    r"calibration_classwise_partials_kernelI(13__nv_bfloat16|6__half|f|d)Lb([01])E")
+
+
+def test_classwise_partials_load_a_batch_of_rows_before_using_it(tmp_path_factory):
+    # a thread a class: 8 rows' targets, the class's values and the rows' sample columns issued
+    # before the first bin is updated (in shared memory: the SHARED kernels)
+    spills, kernels = compile_sass(tmp_path_factory, CALIB_SOURCE, CLASSWISE_KERNEL)
+    assert set(kernels) == {(t, shared) for t in (*VEC, "d") for shared in (0, 1)}
+    for (t, shared), ins in kernels.items():
+        assert spills[(t, shared)] == 0, t
+        assert not [i for i in ins if re.search(r"\b(LDL|STL)\b", i)], t
+        if shared:
+            first_update = next(k for k, i in enumerate(ins) if re.search(r"\bLDS\b", i))
+            loads = sum(1 for i in ins[:first_update] if re.search(r"\bLDG\b", i))
+            assert loads >= 3 * 8, f"{t}: {loads} loads before the first bin update"

@@ -409,8 +409,11 @@ __global__ void calibration_reduce_kernel(const I* __restrict__ part_counts,
 }
 
 // Classwise sums: a thread per class (consecutive classes: coalesced reads), the rows of one
-// chunk in order. The thread's bins live in shared memory when they fit (SHARED), else in its
-// own slice of the partials, which no other thread touches: any n_bins, still deterministic.
+// chunk in order, 8 rows' loads issued before their first use. The thread's bins live in shared
+// memory when they fit (SHARED), else in its own slice of the partials, which no other thread
+// touches: any n_bins, still deterministic.
+constexpr int kClasswiseBatch = 8;
+
 template <typename T, bool SHARED>
 __global__ void calibration_classwise_partials_kernel(CalibrationLaunch p, bool from_logits,
                                                       int64_t rows_per_chunk) {
@@ -445,20 +448,34 @@ __global__ void calibration_classwise_partials_kernel(CalibrationLaunch p, bool 
     const int64_t last = first + rows_per_chunk < p.n_rows ? first + rows_per_chunk : p.n_rows;
     const T* __restrict__ input = static_cast<const T*>(p.input);
     const A* __restrict__ samples = static_cast<const A*>(p.samples);
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t y = p.target[i];
-      if (y == p.ignore_index) continue;
-      const A* s = samples + i * kSampleColumns;
-      A pk = to_math(input[i * p.n_classes + k]);
-      if (from_logits) {
-        pk = ck_exp(pk - s[kRowMax]) / s[kRowSum];
-      } else if (s[kConfP] != s[kConfP]) {
-        pk = A(NAN);  // a poisoned row
+    for (int64_t i0 = first; i0 < last; i0 += kClasswiseBatch) {
+      int64_t y[kClasswiseBatch];
+      A x[kClasswiseBatch], row_max[kClasswiseBatch], row_sum[kClasswiseBatch],
+          conf_p[kClasswiseBatch];
+#pragma unroll
+      for (int u = 0; u < kClasswiseBatch; ++u) {  // every load before the first use
+        const int64_t i = i0 + u < last ? i0 + u : last - 1;  // past the end: the last row again
+        const A* s = samples + i * kSampleColumns;
+        y[u] = i0 + u < last ? p.target[i] : p.ignore_index;
+        x[u] = to_math(input[i * p.n_classes + k]);
+        row_max[u] = s[kRowMax];
+        row_sum[u] = s[kRowSum];
+        conf_p[u] = s[kConfP];
       }
-      const int b = bin_index(pk, p.boundaries, nb);
-      counts[b] += 1;
-      sums[b] += static_cast<double>(pk);
-      hits[b] += y == k ? 1 : 0;
+#pragma unroll
+      for (int u = 0; u < kClasswiseBatch; ++u) {  // the rows in order
+        if (y[u] == p.ignore_index) continue;
+        A pk = x[u];
+        if (from_logits) {
+          pk = ck_exp(pk - row_max[u]) / row_sum[u];
+        } else if (conf_p[u] != conf_p[u]) {
+          pk = A(NAN);  // a poisoned row
+        }
+        const int b = bin_index(pk, p.boundaries, nb);
+        counts[b] += 1;
+        sums[b] += static_cast<double>(pk);
+        hits[b] += y[u] == k ? 1 : 0;
+      }
     }
     if constexpr (SHARED) {
       for (int b = 0; b < nb; ++b) {
