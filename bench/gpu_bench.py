@@ -125,9 +125,10 @@ def bench_one(fn, n, c, dtype, gamma, graph=True):
     return ms, replay, max(0, extra)
 
 
-def bench_ece(out, copy_gbps, shapes):
+def bench_ece(out, copy_gbps, shapes, impl_names=None):
     """Top-label ECE (15 bins) from logits: both fused backends against the eager reference and
-    torchmetrics; minimal traffic N·C·bytes + 8·N. Tables are rewritten after every shape."""
+    torchmetrics (those of impl_names only, when given); minimal traffic N·C·bytes + 8·N. Tables
+    are rewritten after every shape."""
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     impls = {
@@ -136,6 +137,7 @@ def bench_ece(out, copy_gbps, shapes):
         "eager": lambda x, t: reference.calibration_error(x, t),
         "torchmetrics": lambda x, t: multiclass_calibration_error(x, t, x.shape[1], n_bins=15),
     }
+    impls = {k: v for k, v in impls.items() if impl_names is None or k in impl_names}
     rows = []
     for (n, c), (dname, dtype) in [(s, d) for s in shapes for d in DTYPES.items()]:
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -254,7 +256,7 @@ def run(out, parts=("focal", "ece"), shapes=GPU_SHAPES, impl_names=None, graph=T
     copy_gbps = copy_bandwidth()
     print(f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     if "ece" in parts:  # the quick part first
-        bench_ece(out, copy_gbps, shapes)
+        bench_ece(out, copy_gbps, shapes, impl_names)
     if "focal" in parts:
         bench_focal(out, copy_gbps, shapes, impl_names, graph)
 
@@ -266,8 +268,8 @@ if __name__ == "__main__":
     parser.add_argument("--shapes", nargs="+", default=None,
                         help="NxC shapes (default: the CONTRACT §5 GPU shapes)")
     parser.add_argument("--impls", nargs="+", default=None,
-                        help="only these implementations (and the opt-in cuda+compile, "
-                             "triton+compile: the fused op inside torch.compile)")
+                        help="only these implementations, in both parts (and the opt-in "
+                             "cuda+compile, triton+compile: the fused op inside torch.compile)")
     parser.add_argument("--no-graph", action="store_true",
                         help="skip the CUDA-graph replay timings (halves the run)")
     args = parser.parse_args()
