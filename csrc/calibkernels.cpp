@@ -251,10 +251,10 @@ TORCH_LIBRARY(calibkernels, m) {
   // sample lies in [0, 1]). boundaries: float32 torch.linspace(0, 1, n_bins + 1). Returns the
   // top-label state (count int64, sum of confidence float64, correct int64; each (n_bins)), the
   // classwise state (the same three, (C, n_bins); empty unless classwise), the per-sample
-  // (confidence, correct) of every row (empty unless per_sample), and totals: float64
-  // [sum of Brier scores, sum of NLLs, 1 if read as probabilities else 0, ECE, MCE, RMSCE] (the
-  // errors of the top-label state, NaN when it is empty). Samples whose target is ignore_index
-  // are left out of every sum.
+  // (confidence, correct) of every row (0 and false for an ignored one; empty unless
+  // per_sample), and totals: float64 [sum of Brier scores, sum of NLLs, 1 if read as
+  // probabilities else 0, ECE, MCE, RMSCE] (the errors of the top-label state, NaN when it is
+  // empty). Samples whose target is ignore_index are left out of every sum.
   m.def(
       "calibration_bins(Tensor input, Tensor target, Tensor boundaries, int mode, "
       "int ignore_index, bool classwise, bool per_sample) -> (Tensor, Tensor, Tensor, Tensor, "

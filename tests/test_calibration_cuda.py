@@ -7,7 +7,7 @@ import calibkernels as ck
 from calibkernels import reference
 from calibkernels.calibration import per_sample
 from test_calibration import (_data, assert_inf_target_logit_poisons_every_metric,
-                              poisoned_logits, sweep_hits)
+                              ignored_rows_case, poisoned_logits, raw_per_sample, sweep_hits)
 
 pytestmark = pytest.mark.cuda
 
@@ -182,6 +182,17 @@ def test_gpu_update_adds_no_host_sync(backend):
     cpu.update(x.cpu(), t.cpu()).update(x.cpu(), t.cpu()).update(x.softmax(1).cpu(), t.cpu())
     for k, v in cpu.compute().items():
         torch.testing.assert_close(meter.compute()[k].cpu(), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_per_sample_of_every_row_matches_cpu(backend):
+    # the op's raw per-sample outputs, ignored rows included (0 and not correct on every backend)
+    x, p, t = ignored_rows_case()
+    for inp, mode in [(x, 1), (p, 0), (p, -1)]:
+        conf, correct = raw_per_sample(inp.cuda(), t.cuda(), mode, backend)
+        cpu_conf, cpu_correct = raw_per_sample(inp, t, mode)
+        torch.testing.assert_close(conf, cpu_conf, rtol=1e-6, atol=1e-7, msg=str(mode))
+        assert torch.equal(correct, cpu_correct), mode
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

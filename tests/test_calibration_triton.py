@@ -11,7 +11,7 @@ import calibkernels as ck
 from calibkernels import reference
 from calibkernels.calibration import binned_error, classwise_ece_from_state, per_sample
 from test_calibration import (_data, assert_inf_target_logit_poisons_every_metric,
-                              poisoned_logits, sweep_hits)
+                              ignored_rows_case, poisoned_logits, raw_per_sample, sweep_hits)
 
 pytestmark = pytest.mark.skipif(
     not ck.ops.triton_available()
@@ -74,6 +74,16 @@ def test_triton_poisons_bad_samples_instead_of_reading_astray():
     p[4, 1] = 1.5  # not a probability
     assert torch.isnan(ck.ece(p, t, from_logits=False, backend="triton"))
     assert torch.isfinite(ck.ece(x.softmax(1), t, from_logits=False, backend="triton"))
+
+
+def test_triton_per_sample_of_every_row_matches_cpu():
+    # the op's raw per-sample outputs, ignored rows included (0 and not correct on every backend)
+    x, p, t = ignored_rows_case()
+    for inp, mode in [(x, 1), (p, 0), (p, -1)]:
+        conf, correct = raw_per_sample(inp.to(DEVICE), t.to(DEVICE), mode, "triton")
+        cpu_conf, cpu_correct = raw_per_sample(inp, t, mode)
+        torch.testing.assert_close(conf, cpu_conf, rtol=1e-6, atol=1e-7, msg=str(mode))
+        assert torch.equal(correct, cpu_correct), mode
 
 
 def test_triton_never_counts_a_nan_confidence_correct():

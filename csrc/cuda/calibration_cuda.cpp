@@ -81,7 +81,8 @@ Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
   if (per_sample) {
     conf = mode == kAuto ? at::where(probabilities(), samples.select(1, kConfP),
                                      samples.select(1, kConfL))
-                         : samples.select(1, mode == kLogits ? kConfL : kConfP).contiguous();
+                         : samples.select(1, mode == kLogits ? kConfL : kConfP);
+    conf = conf.masked_fill(t.eq(ignore_index), 0).contiguous();  // ignored: 0 on every backend
   }
   std::vector<at::Tensor> cw(3);
   if (!classwise) {
