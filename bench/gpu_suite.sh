@@ -22,7 +22,8 @@
 # CALIBKERNELS_CUDA_ARCHS defaults to this GPU's own architecture (one target: a faster build).
 # Logs go to OUT_DIR/logs.tar.gz (the device tool returns at most 8 files); summary.txt and the
 # benchmark tables stay beside it.
-# Copy OUT_DIR to bench/results/<date>-<gpu>/ and commit it.
+# Copy OUT_DIR to bench/results/<date>-<gpu>/ and commit it; `python bench/auto_backend.py` on it
+# gives backend="auto"'s thresholds (tests/test_auto_backend.py holds them to the newest run).
 set -uo pipefail
 out=$(realpath -m "${1:?usage: bash bench/gpu_suite.sh OUT_DIR [build tests memcheck bench]}")
 shift

@@ -17,6 +17,8 @@ REDUCTIONS = ("none", "mean", "sum")
 # kernels win once a row is long, the CUDA C++ ones below. Focal loss fwd+bwd from 4000 bytes a row
 # (65536x1000 fp32: Triton 0.76 vs CUDA 0.90; bf16, 2000 bytes: CUDA 0.54 vs 0.68); ECE from 128 KiB
 # (8192x128256 bf16: Triton 0.92 vs CUDA 1.74; 8192x32000 fp32, 125 KiB: CUDA 0.58 vs 0.86).
+# bench/auto_backend.py derives them from a run; tests/test_auto_backend.py holds them to the
+# newest run committed.
 TRITON_FROM_ROW_BYTES = {"focal_loss": 4000, "calibration": 2**17}
 
 
