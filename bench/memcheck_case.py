@@ -49,7 +49,7 @@ def sparse_cases():
                 ck.calibration_sweep(x[:37].to(dtype), t[:37], torch.linspace(0.1, 10, k),
                                      backend="cuda")
         # its binning: 2 chunks (the second's quarters full, short and empty), 2 blocks of
-        # temperatures (the second 8 wide), 3 tiles of bins reusing the shared memory
+        # temperatures (the second 8 wide), 3 tiles of bins (a block each)
         if c == 10:
             ck.calibration_sweep(x, t, torch.linspace(0.1, 10, 40), 45, backend="cuda")
     print("calibration", flush=True)

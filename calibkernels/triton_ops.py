@@ -391,8 +391,9 @@ def calibration_bins_triton(
         probs = totals[2] > 0.5  # the reading the top kernel kept, on the device
         cw = [tuple(torch.where(probs, p, l) for l, p in zip(*cw))] if classwise else cw
         conf = [torch.where(probs, conf[1], conf[0])] if per_sample else conf
-    if per_sample:  # an ignored row: 0 (and not correct), as on every backend
+    if per_sample:  # an ignored row: 0 and not correct, as on every backend
         conf = [conf[0].masked_fill(t == ignore_index, 0.0)]
+        correct = correct & (t != ignore_index)
     # a NaN confidence (a NaN or +inf logit, a poisoned reading) is never correct
     correct = correct & ~conf[0].isnan() if per_sample else correct[:0].clone()
     return (counts, conf_sums, hits, *cw[0], conf[0].contiguous(), correct, totals)

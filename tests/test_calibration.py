@@ -187,34 +187,39 @@ def sweep_hits(x, t, backend="cpu"):
     return out[2].sum(1).cpu()
 
 
-def raw_per_sample(x, t, mode, backend="cpu"):
+def raw_per_sample(x, t, mode, backend="cpu", ignore_index=-100):
     """The calibration_bins op's per-sample (confidence, correct) of every row, ignored ones too
     (the public per_sample drops those)."""
     beta = ck.calibration.bin_boundaries(15, x.device)
     if backend == "triton":
         ck.ops.load_triton()
-        out = ck.ops.calibration_bins_triton(x, t, beta, mode, -100, False, True)
+        out = ck.ops.calibration_bins_triton(x, t, beta, mode, ignore_index, False, True)
     else:
-        out = ck.ops.calibration_bins(x, t, beta, mode, -100, False, True)
+        out = ck.ops.calibration_bins(x, t, beta, mode, ignore_index, False, True)
     return out[6].cpu(), out[7].cpu()
 
 
-def ignored_rows_case():
+def ignored_rows_case(ignore_index):
     """(logits, probabilities, target): every 7th row ignored, its probabilities out of [0, 1]
-    (never read), for the op's per-sample outputs of an ignored row."""
+    (never read); with ignore_index a class, the argmax of an ignored row is that class."""
     x, t = _data(60, 9, dtype=torch.float32, seed=12, ignore=True)
+    if ignore_index >= 0:
+        t[t == ignore_index] = ignore_index + 1
+        x[::7, ignore_index] += 20.0
+        t[::7] = ignore_index
     p = x.softmax(1)
-    p[t == -100] = 5.0
+    p[t == ignore_index] = 5.0
     return x, p, t
 
 
-def test_per_sample_of_an_ignored_row_is_0_and_not_correct():
-    x, p, t = ignored_rows_case()
-    ignored = t == -100
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_per_sample_of_an_ignored_row_is_0_and_not_correct(ignore_index):
+    x, p, t = ignored_rows_case(ignore_index)
+    ignored = t == ignore_index
     for inp, mode in [(x, 1), (p, 0), (p, -1)]:
-        conf, correct = raw_per_sample(inp, t, mode)
+        conf, correct = raw_per_sample(inp, t, mode, ignore_index=ignore_index)
         assert conf[ignored].eq(0).all() and not correct[ignored].any(), mode
-        assert conf[~ignored].gt(0).all(), mode
+        assert conf[~ignored].gt(0).all() and correct[~ignored].any(), mode
 
 
 def test_a_nan_confidence_is_never_correct():

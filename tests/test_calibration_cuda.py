@@ -185,12 +185,13 @@ def test_gpu_update_adds_no_host_sync(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gpu_per_sample_of_every_row_matches_cpu(backend):
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_gpu_per_sample_of_every_row_matches_cpu(backend, ignore_index):
     # the op's raw per-sample outputs, ignored rows included (0 and not correct on every backend)
-    x, p, t = ignored_rows_case()
+    x, p, t = ignored_rows_case(ignore_index)
     for inp, mode in [(x, 1), (p, 0), (p, -1)]:
-        conf, correct = raw_per_sample(inp.cuda(), t.cuda(), mode, backend)
-        cpu_conf, cpu_correct = raw_per_sample(inp, t, mode)
+        conf, correct = raw_per_sample(inp.cuda(), t.cuda(), mode, backend, ignore_index)
+        cpu_conf, cpu_correct = raw_per_sample(inp, t, mode, ignore_index=ignore_index)
         torch.testing.assert_close(conf, cpu_conf, rtol=1e-6, atol=1e-7, msg=str(mode))
         assert torch.equal(correct, cpu_correct), mode
 

@@ -251,7 +251,10 @@ Outputs calibration_bins_cpu(const at::Tensor& input, const at::Tensor& target,
     std::vector<double> totals{st.brier, st.nll, probabilities ? 1.0 : 0.0, 0.0, 0.0, 0.0};
     binned_errors(st.counts.data(), st.conf_sums.data(), st.hits.data(), n_bins, &totals[3]);
     at::Tensor correct = at::empty({N}, x.options().dtype(at::kBool));
-    std::copy(k.correct.begin(), k.correct.end(), correct.mutable_data_ptr<bool>());
+    bool* correct_out = correct.mutable_data_ptr<bool>();
+    for (int64_t i = 0; i < N; ++i) {  // an ignored row is not correct (its target may be a class)
+      correct_out[i] = k.correct[i] && tp[i] != ignore_index;
+    }
     out = {to_tensor(st.counts, {n_bins}, i64), to_tensor(st.conf_sums, {n_bins}, f64),
            to_tensor(st.hits, {n_bins}, i64),
            to_tensor(st.cw_counts, {classwise ? C : 0, n_bins}, i64),

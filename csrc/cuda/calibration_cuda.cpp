@@ -115,9 +115,11 @@ Outputs calibration_bins_cuda(const at::Tensor& input, const at::Tensor& target,
       cw = reading(mode == kLogits);
     }
   }
-  // a NaN confidence (a NaN or +inf logit, a poisoned reading) is never correct
+  // a NaN confidence (a NaN or +inf logit, a poisoned reading) is never correct, nor an
+  // ignored row (its target may be a class)
   return {counts, conf_sums, hits, cw[0], cw[1], cw[2], conf,
-          per_sample ? correct.logical_and(conf.isnan().logical_not())
+          per_sample ? correct.logical_and(t.ne(ignore_index))
+                           .logical_and_(conf.isnan().logical_not())
                      : at::empty({0}, correct.options()),
           totals};
 }
