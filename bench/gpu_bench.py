@@ -9,7 +9,7 @@ is timed as called (host + device) and replayed from a CUDA graph (device only).
 against the minimal traffic (read the logits once, write the gradient once: 2·N·C·bytes + 8·N),
 the percentage of this run's own device-to-device copy bandwidth, speed-ups and peak extra memory.
 Writes DIR/focal_loss.json and DIR/focal_loss.md; then ECE from logits against torchmetrics and
-the eager reference, to DIR/ece.json and DIR/ece.md.
+the eager reference (and the classwise ECE at C <= 1000), to DIR/ece.json and DIR/ece.md.
 """
 
 import argparse
@@ -127,8 +127,9 @@ def bench_one(fn, n, c, dtype, gamma, graph=True):
 
 def bench_ece(out, copy_gbps, shapes, impl_names=None):
     """Top-label ECE (15 bins) from logits: both fused backends against the eager reference and
-    torchmetrics (those of impl_names only, when given); minimal traffic N·C·bytes + 8·N. Tables
-    are rewritten after every shape."""
+    torchmetrics; at C <= 1000 also the classwise ECE of both backends and of the eager reference
+    (impls "... classwise"). Those of impl_names only, when given; minimal traffic N·C·bytes + 8·N.
+    Tables are rewritten after every shape."""
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     impls = {
@@ -137,7 +138,11 @@ def bench_ece(out, copy_gbps, shapes, impl_names=None):
         "eager": lambda x, t: reference.calibration_error(x, t),
         "torchmetrics": lambda x, t: multiclass_calibration_error(x, t, x.shape[1], n_bins=15),
     }
-    impls = {k: v for k, v in impls.items() if impl_names is None or k in impl_names}
+    classwise = {
+        "cuda classwise": lambda x, t: ck.classwise_ece(x, t, backend="cuda"),
+        "triton classwise": lambda x, t: ck.classwise_ece(x, t, backend="triton"),
+        "eager classwise": lambda x, t: reference.classwise_ece(x, t),
+    }
     rows = []
     for (n, c), (dname, dtype) in [(s, d) for s in shapes for d in DTYPES.items()]:
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -145,7 +150,9 @@ def bench_ece(out, copy_gbps, shapes, impl_names=None):
         t = torch.randint(0, c, (n,), device="cuda", generator=g)
         minimal = n * c * x.element_size() + 8 * n
         results = {}
-        for name, fn in impls.items():
+        todo = dict(impls, **(classwise if c <= 1000 else {}))
+        todo = {k: v for k, v in todo.items() if impl_names is None or k in impl_names}
+        for name, fn in todo.items():
             try:
                 fn(x, t)
                 ms = do_bench(lambda: fn(x, t), warmup=5, rep=50, return_mode="median")
@@ -157,10 +164,11 @@ def bench_ece(out, copy_gbps, shapes, impl_names=None):
             rows.append(dict(n=n, c=c, dtype=dname, impl=name, ms=ms, gbps=gbps,
                              pct_copy=100 * gbps / copy_gbps))
             print(f"ece {n}x{c} {dname} {name}: {ms:.3f} ms {gbps:.0f} GB/s", flush=True)
-        for r in rows[-len(results):]:
-            for base in ("eager", "torchmetrics"):
+        for r in rows[len(rows) - len(results):]:  # classwise against the eager classwise
+            bases = ("eager classwise",) if r["impl"] in classwise else ("eager", "torchmetrics")
+            for base in bases:
                 if base in results:
-                    r[f"speedup_vs_{base}"] = results[base] / r["ms"]
+                    r[f"speedup_vs_{base.split()[0]}"] = results[base] / r["ms"]
         del x, t
         torch.cuda.empty_cache()
         write_ece(out, copy_gbps, rows)
@@ -172,6 +180,8 @@ def write_ece(out, copy_gbps, rows):
         json.dump(dict(meta=metadata(copy_gbps), rows=rows), f, indent=1)
     with open(os.path.join(out, "ece.md"), "w") as f:
         f.write(f"# ECE (15 bins, from logits) on {torch.cuda.get_device_name()}\n\n"
+                "Top-label ECE; the \"classwise\" rows are the classwise ECE (C <= 1000), their "
+                "speed-up against the eager classwise ECE.\n"
                 f"Copy bandwidth of this run: {copy_gbps:.0f} GB/s; GB/s count N·C·bytes + 8·N."
                 "\n\n| N × C | dtype | impl | ms | GB/s | % copy | vs eager | vs torchmetrics |\n"
                 "|---|---|---|---|---|---|---|---|\n")
